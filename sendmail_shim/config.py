@@ -1,0 +1,404 @@
+"""The configuration file, ``/etc/sendmail-shim/config.toml`` by default.
+
+``SENDMAIL_SHIM_CONFIG`` names another file. Every error names the file, the
+key and what is wrong, and the caller gets exit 78 (EX_CONFIG). Unknown keys
+are errors too: a misspelt key must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .limits import DEFAULT_ACCOUNT_RULES, DEFAULT_CUSTOMER_RULES, Rule, RuleSyntaxError, parse_rule
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - tomli stands in where tomllib is missing
+    import tomli as tomllib  # type: ignore[no-redef]
+
+DEFAULT_PATH = "/etc/sendmail-shim/config.toml"
+ENV_VAR = "SENDMAIL_SHIM_CONFIG"
+DEFAULT_LEDGER_URL = "sqlite:////var/lib/sendmail-shim/ledger.db"
+
+
+class ConfigError(Exception):
+    """The configuration is missing or invalid (exit 78)."""
+
+    def __init__(self, path: str, key: str | None, problem: str) -> None:
+        self.path, self.key, self.problem = path, key, problem
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + problem)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    host: str
+    port: int = 25
+    ca_file: str | None = None
+    tls_server_name: str | None = None
+    helo: str | None = None
+    timeout: float = 30.0
+    username: str | None = None
+    password_file: str | None = None
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    url: str = DEFAULT_LEDGER_URL
+    busy_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class SpfConfig:
+    relay_ips: tuple[str, ...] = ()
+    nameservers: tuple[str, ...] = ()
+    accept: tuple[str, ...] = ("pass",)
+    hint: str | None = None
+    timeout: float = 20.0
+    cache_max_ttl: int = 3600
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    account: tuple[Rule, ...] = tuple(parse_rule(r) for r in DEFAULT_ACCOUNT_RULES)
+    customer: tuple[Rule, ...] = tuple(parse_rule(r) for r in DEFAULT_CUSTOMER_RULES)
+
+
+@dataclass(frozen=True)
+class MessageConfig:
+    max_size: int = 10 * 1024 * 1024
+    max_recipients: int = 1000
+    qualify_domain: str | None = None
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    socket: str | None = None
+    allow_unbound: bool = False
+    max_connections_per_uid: int = 16
+    request_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    enabled: bool = True
+    min_backoff: int = 300
+    max_backoff: int = 4 * 3600
+    max_age: int = 5 * 86400
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    syslog: bool = True
+    file: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    upstream: UpstreamConfig
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    spf: SpfConfig = field(default_factory=SpfConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    message: MessageConfig = field(default_factory=MessageConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def config_path() -> str:
+    return os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def load(path: str | None = None) -> Config:
+    """Read and validate the config file; raise ConfigError naming file and key."""
+    path = path or config_path()
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "file not found (set SENDMAIL_SHIM_CONFIG or create it)") from None
+    except PermissionError:
+        raise ConfigError(path, None, "permission denied reading the file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, None, f"not valid TOML: {exc}") from None
+    return from_mapping(data, path)
+
+
+def from_mapping(data: dict[str, Any], path: str = "<config>") -> Config:
+    known = {"upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log"}
+    for name in data:
+        if name not in known:
+            raise ConfigError(path, name, f"unknown section (known: {', '.join(sorted(known))})")
+    if "upstream" not in data:
+        raise ConfigError(path, "upstream.host", "missing: the [upstream] section is required")
+    return Config(
+        path=path,
+        upstream=_upstream(_Section(data, "upstream", path)),
+        ledger=_ledger(_Section(data, "ledger", path)),
+        spf=_spf(_Section(data, "spf", path)),
+        limits=_limits(_Section(data, "limits", path)),
+        message=_message(_Section(data, "message", path)),
+        gate=_gate(_Section(data, "gate", path)),
+        queue=_queue(_Section(data, "queue", path)),
+        log=_log(_Section(data, "log", path)),
+    )
+
+
+class _Section:
+    """Typed access to one table; ``done()`` rejects keys nobody asked for."""
+
+    def __init__(self, data: dict[str, Any], name: str, path: str) -> None:
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(path, name, f"must be a table ([{name}])")
+        self.table, self.name, self.path = table, name, path
+        self.asked: set[str] = set()
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, f"{self.name}.{key}", problem)
+
+    def _get(self, key: str, kinds: tuple[type, ...], wording: str) -> Any:
+        self.asked.add(key)
+        if key not in self.table:
+            return None
+        value = self.table[key]
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(key, f"must be {wording}, not a boolean")
+        if not isinstance(value, kinds):
+            raise self.error(key, f"must be {wording}, not {type(value).__name__} {value!r}")
+        return value
+
+    def string(self, key: str, default: str | None = None, required: bool = False) -> str | None:
+        value = self._get(key, (str,), "a string")
+        if value is None:
+            if required:
+                raise self.error(key, "missing: this key is required")
+            return default
+        if not value.strip():
+            raise self.error(key, "must not be empty")
+        if any(ord(c) < 32 for c in value):
+            raise self.error(key, "must not contain control characters")
+        return str(value)
+
+    def number(self, key: str, default: float, minimum: float = 0, maximum: float | None = None) -> float:
+        value = self._get(key, (int, float), "a number")
+        if value is None:
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise self.error(key, f"must be {bound}, not {value}")
+        return float(value)
+
+    def integer(self, key: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self._get(key, (int,), "an integer")
+        if value is None:
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise self.error(key, f"must be {bound}, not {value}")
+        return int(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, (bool,), "true or false")
+        return default if value is None else bool(value)
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key, (list,), "a list of strings")
+        if value is None:
+            return default
+        if not all(isinstance(item, str) and item.strip() for item in value):
+            raise self.error(key, "must be a list of non-empty strings")
+        return tuple(value)
+
+    def duration(self, key: str, default: int) -> int:
+        value = self._get(key, (int, str), 'a number of seconds or a duration such as "5d"')
+        if value is None:
+            return default
+        seconds = parse_duration(value)
+        if seconds is None or seconds <= 0:
+            raise self.error(key, f'{value!r} is not a duration (write e.g. 300, "5m", "4h" or "5d")')
+        return seconds
+
+    def done(self) -> None:
+        for key in self.table:
+            if key not in self.asked:
+                raise self.error(key, "unknown key")
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+
+
+def parse_duration(value: int | str) -> int | None:
+    if isinstance(value, int):
+        return value
+    match = _DURATION.match(value.lower())
+    if not match:
+        return None
+    return int(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def _upstream(s: _Section) -> UpstreamConfig:
+    password_file = s.string("password_file")
+    username = s.string("username")
+    if password_file and not username:
+        raise s.error("username", "missing: password_file is set, so a username is required")
+    if username and not password_file:
+        raise s.error("password_file", "missing: username is set; give the password in a 0600 file")
+    host = s.string("host", required=True)
+    assert host is not None
+    config = UpstreamConfig(
+        host=host,
+        port=s.integer("port", 25, 1, 65535),
+        ca_file=s.string("ca_file"),
+        tls_server_name=s.string("tls_server_name"),
+        helo=s.string("helo"),
+        timeout=s.number("timeout", 30.0, 0.1, 3600),
+        username=username,
+        password_file=password_file,
+    )
+    s.done()
+    return config
+
+
+def _ledger(s: _Section) -> LedgerConfig:
+    url = s.string("url", DEFAULT_LEDGER_URL)
+    assert url is not None
+    if "://" not in url:
+        raise s.error("url", f"{url!r} is not an SQLAlchemy URL (e.g. sqlite:////var/lib/sendmail-shim/ledger.db)")
+    config = LedgerConfig(url=url, busy_timeout=s.number("busy_timeout", 10.0, 0.1, 600))
+    s.done()
+    return config
+
+
+def _spf(s: _Section) -> SpfConfig:
+    import ipaddress
+
+    relay_ips = s.strings("relay_ips", ())
+    for ip in relay_ips:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise s.error("relay_ips", f"{ip!r} is not an IP address") from None
+    nameservers = s.strings("nameservers", ())
+    for server in nameservers:
+        if _split_host_port(server) is None:
+            raise s.error("nameservers", f"{server!r} is not an address (write 192.0.2.53 or 127.0.0.1:5353)")
+    accept = s.strings("accept", ("pass",))
+    results = {"pass", "neutral", "softfail", "none", "fail", "permerror", "temperror"}
+    for result in accept:
+        if result not in results:
+            raise s.error("accept", f"{result!r} is not an SPF result ({', '.join(sorted(results))})")
+    enabled = s.boolean("enabled", True)
+    if enabled and not relay_ips:
+        raise s.error("relay_ips", "missing: list the upstream's outgoing IP addresses (or set enabled = false)")
+    config = SpfConfig(
+        relay_ips=relay_ips,
+        nameservers=nameservers,
+        accept=accept,
+        hint=s.string("hint"),
+        timeout=s.number("timeout", 20.0, 0.1, 120),
+        cache_max_ttl=s.integer("cache_max_ttl", 3600, 0, 86400),
+        enabled=enabled,
+    )
+    s.done()
+    return config
+
+
+def _split_host_port(text: str) -> tuple[str, int] | None:
+    """``127.0.0.1:5353`` → (host, port); ``[::1]:53``, ``::1`` and bare hosts too."""
+    import ipaddress
+
+    host, port = text, 53
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                return None
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        if not port_text.isdigit():
+            return None
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (host, port) if 0 < port < 65536 else None
+
+
+def nameserver_address(text: str) -> tuple[str, int]:
+    """A validated ``[spf] nameservers`` entry as (host, port)."""
+    parsed = _split_host_port(text)
+    if parsed is None:
+        raise ValueError(f"{text!r} is not a nameserver address")
+    return parsed
+
+
+def _limits(s: _Section) -> LimitsConfig:
+    def rules(key: str, default: tuple[str, ...]) -> tuple[Rule, ...]:
+        try:
+            return tuple(parse_rule(text) for text in s.strings(key, default))
+        except RuleSyntaxError as exc:
+            raise s.error(key, str(exc)) from None
+
+    config = LimitsConfig(
+        account=rules("account", DEFAULT_ACCOUNT_RULES),
+        customer=rules("customer", DEFAULT_CUSTOMER_RULES),
+    )
+    s.done()
+    return config
+
+
+def _message(s: _Section) -> MessageConfig:
+    domain = s.string("qualify_domain")
+    if domain and ("@" in domain or " " in domain):
+        raise s.error("qualify_domain", f"{domain!r} is not a domain name")
+    config = MessageConfig(
+        max_size=s.integer("max_size", 10 * 1024 * 1024, 1024, 1024**3),
+        max_recipients=s.integer("max_recipients", 1000, 1, 100000),
+        qualify_domain=domain.lower().rstrip(".") if domain else None,
+    )
+    s.done()
+    return config
+
+
+def _gate(s: _Section) -> GateConfig:
+    socket_path = s.string("socket")
+    if socket_path and not socket_path.startswith("/"):
+        raise s.error("socket", f"{socket_path!r} must be an absolute path")
+    config = GateConfig(
+        socket=socket_path,
+        allow_unbound=s.boolean("allow_unbound", False),
+        max_connections_per_uid=s.integer("max_connections_per_uid", 16, 1, 10000),
+        request_timeout=s.number("request_timeout", 120.0, 1, 3600),
+    )
+    s.done()
+    return config
+
+
+def _queue(s: _Section) -> QueueConfig:
+    config = QueueConfig(
+        enabled=s.boolean("enabled", True),
+        min_backoff=s.duration("min_backoff", 300),
+        max_backoff=s.duration("max_backoff", 4 * 3600),
+        max_age=s.duration("max_age", 5 * 86400),
+    )
+    if config.max_backoff < config.min_backoff:
+        raise s.error("max_backoff", "must not be shorter than min_backoff")
+    s.done()
+    return config
+
+
+def _log(s: _Section) -> LogConfig:
+    config = LogConfig(syslog=s.boolean("syslog", True), file=s.string("file"))
+    s.done()
+    return config

@@ -1,0 +1,258 @@
+"""SMTP to the provider's upstream, with mandatory, verified STARTTLS.
+
+Nothing but EHLO and STARTTLS is sent before TLS: no MAIL FROM, no AUTH, no
+data. The certificate is checked against the system store (or
+``[upstream] ca_file``) and the host name (or ``tls_server_name``). After the
+handshake any bytes the server sent early are discarded and EHLO is sent
+again (the STARTTLS command-injection class).
+
+Every failure is classified as temporary (a later attempt may work) or
+permanent (the upstream said no with a 5xx reply).
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import ssl
+import stat
+from dataclasses import dataclass
+
+from .config import ConfigError, UpstreamConfig
+from .encoding import for_upstream
+from .envelope import Envelope
+from .message import Message
+
+
+class RelayError(Exception):
+    """The upstream did not take the message."""
+
+    temporary = True
+
+    def __init__(self, text: str, *, stage: str = "", code: int | None = None) -> None:
+        super().__init__(text)
+        self.stage, self.code = stage, code
+
+
+class UpstreamRefused(RelayError):
+    """A permanent (5xx) refusal: retrying the same message will not help."""
+
+    temporary = False
+
+
+class UpstreamUnavailable(RelayError):
+    """Unreachable, timed out, or a temporary (4xx) reply."""
+
+
+class UpstreamInsecure(UpstreamUnavailable):
+    """No STARTTLS offered, or the TLS handshake or certificate check failed."""
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    code: int
+    text: str
+    accepted: tuple[str, ...]
+
+
+class _Connection(smtplib.SMTP):
+    """smtplib with TCP_NODELAY (no Nagle stalls on small commands)."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
+class Upstream:
+    """The configured upstream; keeps its TLS context and credentials warm."""
+
+    def __init__(self, config: UpstreamConfig, config_path: str = "<config>") -> None:
+        self.config = config
+        self.config_path = config_path
+        self._tls: ssl.SSLContext | None = None
+
+    @property
+    def tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            try:
+                context = ssl.create_default_context(cafile=self.config.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(self.config_path, "upstream.ca_file", f"cannot be loaded ({exc})") from None
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._tls = context
+        return self._tls
+
+    def password(self) -> str | None:
+        """The relay password, only from a file nobody else can read."""
+        path = self.config.password_file
+        if not path:
+            return None
+        key = "upstream.password_file"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                info = os.fstat(handle.fileno())
+                if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    raise ConfigError(self.config_path, key, f"{path} must be mode 0600 (run: chmod 600 {path})")
+                secret = handle.read().strip("\r\n")
+        except OSError as exc:
+            raise ConfigError(self.config_path, key, f"cannot read {path} ({exc.strerror})") from None
+        if not secret:
+            raise ConfigError(self.config_path, key, f"{path} is empty")
+        return secret
+
+    def send(self, envelope: Envelope, message: Message) -> RelayResult:
+        """Relay one message; raise a RelayError subclass unless every recipient is accepted."""
+        host = f"{self.config.host}:{self.config.port}"
+        try:
+            return self._send(envelope, message)
+        except RelayError:
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamInsecure(f"the upstream {host} failed the certificate check ({exc.verify_message})",
+                                   stage="starttls") from None
+        except ssl.SSLError as exc:
+            raise UpstreamInsecure(f"TLS with the upstream {host} failed ({exc})", stage="starttls") from None
+        except smtplib.SMTPServerDisconnected:
+            raise UpstreamUnavailable(f"the upstream {host} closed the connection", stage="connection") from None
+        except smtplib.SMTPConnectError as exc:
+            raise _reply_error(exc.smtp_code, exc.smtp_error, "the greeting", host) from None
+        except smtplib.SMTPResponseException as exc:
+            raise _reply_error(exc.smtp_code, exc.smtp_error, "a command", host) from None
+        except TimeoutError:
+            raise UpstreamUnavailable(f"the upstream {host} did not answer in time", stage="timeout") from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise UpstreamUnavailable(f"cannot reach the upstream {host} ({reason})", stage="connect") from None
+
+    def _send(self, envelope: Envelope, message: Message) -> RelayResult:
+        cfg = self.config
+        host = f"{cfg.host}:{cfg.port}"
+        smtp = _Connection(cfg.host, cfg.port, local_hostname=cfg.helo, timeout=cfg.timeout)
+        try:
+            self._secure(smtp, host)
+            wire = for_upstream(
+                message, envelope, smtputf8=smtp.has_extn("smtputf8"), eightbit=smtp.has_extn("8bitmime")
+            )
+            code, text = _transaction(smtp, host, envelope, wire.data, _mail_options(smtp, envelope, wire))
+        finally:
+            _close(smtp)
+        return RelayResult(code, text, tuple(r.address for r in envelope.recipients))
+
+    def _secure(self, smtp: _Connection, host: str) -> None:
+        code, reply = smtp.ehlo()
+        if code != 250:
+            raise _reply_error(code, reply, "EHLO", host)
+        if not smtp.has_extn("starttls"):
+            raise UpstreamInsecure(f"the upstream {host} does not offer STARTTLS; nothing was sent",
+                                   stage="starttls")
+        code, reply = smtp.docmd("STARTTLS")
+        if code != 220:
+            raise UpstreamInsecure(f"the upstream {host} refused STARTTLS ({code} {_text(reply)}); nothing was sent",
+                                   stage="starttls", code=code)
+        server_name = self.config.tls_server_name or self.config.host  # what the certificate must name
+        assert smtp.sock is not None
+        smtp.sock = self.tls_context.wrap_socket(smtp.sock, server_hostname=server_name)
+        # Whatever the server sent before the handshake is discarded with the old reader.
+        smtp.file = None
+        smtp.helo_resp = smtp.ehlo_resp = None
+        smtp.esmtp_features = {}
+        smtp.does_esmtp = False
+        code, reply = smtp.ehlo()
+        if code != 250:
+            raise _reply_error(code, reply, "EHLO", host)
+        self._authenticate(smtp, host)
+
+    def _authenticate(self, smtp: _Connection, host: str) -> None:
+        """One AUTH attempt (PLAIN, else LOGIN), and only ever inside TLS."""
+        password = self.password()
+        if password is None or not self.config.username:
+            return
+        offered = (smtp.esmtp_features.get("auth") or "").upper().split()
+        method = next((m for m in ("PLAIN", "LOGIN") if m in offered), None)
+        if method is None:
+            raise UpstreamUnavailable(f"the upstream {host} offers no AUTH PLAIN or LOGIN", stage="AUTH")
+        smtp.user, smtp.password = self.config.username, password
+        authobject = smtp.auth_plain if method == "PLAIN" else smtp.auth_login
+        try:
+            smtp.auth(method, authobject, initial_response_ok=True)
+        except smtplib.SMTPAuthenticationError as exc:
+            raise UpstreamUnavailable(
+                f"the upstream {host} refused the relay credentials ({exc.smtp_code}); the admin must fix them",
+                stage="AUTH", code=exc.smtp_code) from None
+
+
+def _transaction(smtp: _Connection, host: str, envelope: Envelope, data: bytes, options: list[str]) -> tuple[int, str]:
+    code, reply = smtp.mail(envelope.sender.address, options)
+    if code != 250:
+        raise _reply_error(code, reply, "MAIL FROM", host)
+    refused: list[tuple[str, int, str]] = []
+    notify = [f"NOTIFY={envelope.dsn_notify}"] if envelope.dsn_notify and smtp.has_extn("dsn") else []
+    for recipient in envelope.recipients:
+        code, reply = smtp.rcpt(recipient.address, notify)
+        if code not in (250, 251):
+            refused.append((recipient.address, code, _text(reply)))
+    if refused:
+        smtp.rset()
+        raise _refused_recipients(refused)
+    try:
+        code, reply = smtp.data(data)
+    except smtplib.SMTPDataError as exc:
+        raise _reply_error(exc.smtp_code, exc.smtp_error, "DATA", host) from None
+    if code != 250:
+        raise _reply_error(code, reply, "the end of the data", host)
+    return code, _text(reply)
+
+
+def _mail_options(smtp: _Connection, envelope: Envelope, wire: object) -> list[str]:
+    from .encoding import Wire
+
+    assert isinstance(wire, Wire)
+    options: list[str] = []
+    if wire.eightbit and smtp.has_extn("8bitmime"):
+        options.append("BODY=8BITMIME")
+    if wire.smtputf8:
+        options.append("SMTPUTF8")
+    if smtp.has_extn("size"):
+        options.append(f"SIZE={len(wire.data)}")
+    if smtp.has_extn("dsn"):
+        if envelope.dsn_ret:
+            options.append(f"RET={envelope.dsn_ret}")
+        if envelope.dsn_envid:
+            options.append(f"ENVID={xtext(envelope.dsn_envid)}")
+    return options
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: '+', '=' and anything outside ! .. ~ as +HH."""
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value)
+
+
+def _text(reply: bytes | str) -> str:
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    text = " ".join(text.split())
+    return "".join(c if c.isprintable() else "?" for c in text)[:300]
+
+
+def _reply_error(code: int, reply: bytes | str, stage: str, host: str) -> RelayError:
+    text = f"the upstream {host} answered {stage} with {code} {_text(reply)}"
+    if 500 <= code < 600:
+        return UpstreamRefused(text, stage=stage, code=code)
+    return UpstreamUnavailable(text, stage=stage, code=code)
+
+
+def _refused_recipients(refused: list[tuple[str, int, str]]) -> RelayError:
+    shown = "; ".join(f"{addr}: {code} {text}" for addr, code, text in refused[:3])
+    more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+    text = f"the upstream refused {len(refused)} recipient(s): {shown}{more}; nothing was sent"
+    if all(500 <= code < 600 for _, code, _ in refused):
+        return UpstreamRefused(text, stage="RCPT TO", code=refused[0][1])
+    return UpstreamUnavailable(text, stage="RCPT TO", code=refused[0][1])
+
+
+def _close(smtp: _Connection) -> None:
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()

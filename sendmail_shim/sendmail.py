@@ -1,0 +1,100 @@
+"""The ``sendmail`` command: a thin front end to the pipeline.
+
+It parses argv, reads the config, reads stdin and prints the verdict: one
+line on stderr and the exit code. It never writes to stdout except in
+``-bs`` mode and for ``--help``/``--version`` (PHP passes our stdout through
+to the web page).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import BinaryIO, TextIO
+
+from . import __version__
+from .config import ConfigError, load
+from .invocation import Invocation, UsageError, help_text, parse_argv
+
+PROGRAM = "sendmail"
+
+
+def main() -> None:
+    code = run(sys.argv[0], sys.argv[1:], sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def run(program: str, args: list[str], stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
+    try:
+        invocation = parse_argv(args, program)
+    except UsageError as exc:
+        _usage_logged(args, str(exc))
+        return _say(stderr, str(exc), os.EX_USAGE)
+    if invocation.mode == "help":
+        stdout.write(help_text().encode())
+        return os.EX_OK
+    if invocation.mode == "version":
+        stdout.write(f"sendmail-shim {__version__}\n".encode())
+        return os.EX_OK
+    try:
+        config = load()
+    except ConfigError as exc:
+        return _say(stderr, f"not sent: configuration error: {exc}; the administrator must fix it", os.EX_CONFIG)
+    if config.gate.socket:
+        # The shared-hosting path: hand the message to the gate; hold no secrets, open no ledger.
+        from .gate_client import run_via_gate
+
+        return run_via_gate(invocation, config, stdin, stdout, stderr)
+    return _in_process(invocation, config, stdin, stdout, stderr)
+
+
+def _in_process(invocation: Invocation, config: object, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
+    from .config import Config
+    from .pipeline import Caller, Runtime, refuse, submit
+
+    assert isinstance(config, Config)
+    runtime = Runtime(config)
+    caller = Caller.current()
+    if invocation.mode == "smtp":
+        return _smtp_session(invocation, stdin, stdout, caller, runtime)
+    from .message import MessageError, read_input
+
+    try:
+        raw = read_input(stdin, config.message.max_size)
+    except MessageError as exc:
+        verdict = refuse(exc, caller, runtime)
+    else:
+        verdict = submit(invocation, raw, caller, runtime)
+    return _say(stderr, verdict.line, verdict.code) if verdict.line else verdict.code
+
+
+def _smtp_session(invocation: Invocation, stdin: BinaryIO, stdout: BinaryIO, caller: object, runtime: object) -> int:
+    from .pipeline import Caller, Runtime, submit
+    from .stdio_session import Session
+
+    assert isinstance(caller, Caller) and isinstance(runtime, Runtime)
+
+    def deliver(request: Invocation, raw: bytes) -> tuple[int, str]:
+        verdict = submit(request, raw, caller, runtime)
+        return verdict.smtp_code, verdict.smtp_text
+
+    cfg = runtime.config.message
+    return Session(invocation, stdin, stdout, deliver, hostname=runtime.hostname,
+                   max_size=cfg.max_size, max_recipients=cfg.max_recipients).run()
+
+
+def _say(stderr: TextIO, line: str | None, code: int) -> int:
+    if line:
+        stderr.write(f"{PROGRAM}: {line}\n")
+    return code
+
+
+def _usage_logged(args: list[str], reason: str) -> None:
+    """A refused option is worth a log line: it is how -X/-C/-be probes show up."""
+    from . import maillog
+    from .config import LogConfig
+
+    shown = " ".join(args)[:300]
+    maillog.write(LogConfig(), {"verdict": "refused", "code": os.EX_USAGE, "uid": os.getuid(),
+                                "reason": reason, "argv": shown}, "notice")

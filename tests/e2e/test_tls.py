@@ -1,0 +1,100 @@
+"""STARTTLS is mandatory and verified; nothing crosses the wire in plaintext."""
+
+from __future__ import annotations
+
+import trustme
+
+from tests.support.shim import Shim
+from tests.support.upstream import RawServer, SmtpUpstream
+
+MESSAGE = b"From: post@kunde.example\nTo: ola@x.example\nSubject: s\n\nsecret body\n"
+
+
+def commands(seen: bytes) -> list[bytes]:
+    return [line.split(b" ", 1)[0].strip().upper() for line in seen.splitlines() if line.strip()]
+
+
+def test_upstream_without_starttls_gets_nothing(shim: Shim):
+    with RawServer(ehlo=b"250-raw.test\r\n250 8BITMIME\r\n") as raw:
+        shim.configure("upstream", port=raw.port)
+        result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert result.code == 69 and "does not offer STARTTLS" in result.line
+    assert commands(bytes(raw.seen)) == [b"EHLO", b"QUIT"]
+    assert b"secret" not in raw.seen and b"post@kunde" not in raw.seen
+
+
+def test_starttls_answered_454_sends_nothing(shim: Shim):
+    with RawServer(ehlo=b"250-raw.test\r\n250 STARTTLS\r\n") as raw:
+        shim.configure("upstream", port=raw.port)
+        result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert result.code == 69 and "refused STARTTLS (454" in result.line
+    assert commands(bytes(raw.seen)) == [b"EHLO", b"STARTTLS", b"QUIT"]
+
+
+def test_starttls_answered_with_garbage_sends_nothing(shim: Shim):
+    with RawServer(ehlo=b"250-raw.test\r\n250 STARTTLS\r\n", starttls=b"250 sure, go on in plaintext\r\n") as raw:
+        shim.configure("upstream", port=raw.port)
+        result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert result.code == 69
+    assert b"MAIL" not in commands(bytes(raw.seen)) and b"secret" not in raw.seen
+
+
+def test_untrusted_certificate_is_refused(ca: trustme.CA, shim: Shim):
+    with SmtpUpstream(ca, cert_ca=trustme.CA()) as mitm:
+        shim.configure("upstream", port=mitm.port)
+        result = shim.sendmail("-t", "-i", input=MESSAGE)
+        assert mitm.received == []
+    assert result.code == 69 and "certificate" in result.line
+
+
+def test_certificate_for_another_name_is_refused(shim: Shim, upstream: SmtpUpstream):
+    shim.configure("upstream", tls_server_name="relay.other.example")
+    result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert result.code == 69 and "certificate" in result.line
+    assert upstream.received == []
+
+
+def test_system_store_does_not_trust_a_private_ca(shim: Shim, upstream: SmtpUpstream):
+    shim.configure("upstream", ca_file=None)
+    result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert result.code == 69 and upstream.received == []
+
+
+def test_auth_only_after_tls_and_the_password_never_leaks(ca: trustme.CA, shim: Shim, tmp_path):
+    secret = "s3cr3t-relay-pass"
+    password_file = tmp_path / "relay.pass"
+    password_file.write_text(secret + "\n")
+    password_file.chmod(0o600)
+    with SmtpUpstream(ca, credentials=("webrelay", secret)) as authed:
+        shim.configure("upstream", port=authed.port, username="webrelay", password_file=str(password_file))
+        result = shim.sendmail("-t", "-i", input=MESSAGE)
+        assert result.code == 0, result.line
+        (got,) = authed.received
+        assert got.authenticated and got.tls
+        assert authed.auth_attempts == [("webrelay", secret)]
+    assert secret not in result.stderr and secret not in "\n".join(shim.log_lines())
+    assert secret not in shim.config_path.read_text()
+
+
+def test_password_file_readable_by_others_is_a_config_error(ca: trustme.CA, shim: Shim, tmp_path):
+    password_file = tmp_path / "relay.pass"
+    password_file.write_text("pw\n")
+    password_file.chmod(0o644)
+    with SmtpUpstream(ca, credentials=("webrelay", "pw")) as authed:
+        shim.configure("upstream", port=authed.port, username="webrelay", password_file=str(password_file))
+        result = shim.sendmail("-t", "-i", input=MESSAGE)
+        assert authed.received == [] and authed.auth_attempts == []
+    assert result.code == 78
+    assert "upstream.password_file" in result.line and "0600" in result.line
+
+
+def test_wrong_password_is_69_and_nothing_sent(ca: trustme.CA, shim: Shim, tmp_path):
+    password_file = tmp_path / "relay.pass"
+    password_file.write_text("wrong\n")
+    password_file.chmod(0o600)
+    with SmtpUpstream(ca, credentials=("webrelay", "right")) as authed:
+        shim.configure("upstream", port=authed.port, username="webrelay", password_file=str(password_file))
+        result = shim.sendmail("-t", "-i", input=MESSAGE)
+        assert authed.received == []
+    assert result.code == 69 and "credentials" in result.line
+    assert "wrong" not in result.line

@@ -1,0 +1,209 @@
+"""A real SMTP upstream on loopback: aiosmtpd with STARTTLS and trustme certificates.
+
+It records every transaction as it arrived (envelope, MAIL/RCPT parameters,
+the DATA bytes) and can be scripted to refuse at any stage.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    mail_options: list[str]
+    rcpt_options: list[str]
+    data: bytes
+    tls: bool
+    authenticated: bool
+
+    @property
+    def headers(self) -> dict[str, list[str]]:
+        from email.parser import BytesHeaderParser
+
+        parsed = BytesHeaderParser().parsebytes(self.data)
+        out: dict[str, list[str]] = {}
+        for name, value in parsed.items():
+            out.setdefault(name.lower(), []).append(str(value))
+        return out
+
+    @property
+    def body(self) -> bytes:
+        return self.data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in self.data else b""
+
+
+@dataclass
+class Script:
+    """Replies to give instead of accepting: keyed by 'MAIL', 'RCPT', 'RCPT:<addr>', 'DATA'."""
+
+    replies: dict[str, str] = field(default_factory=dict)
+    drop_ehlo: tuple[str, ...] = ()
+
+
+class _Handler:
+    def __init__(self, upstream: SmtpUpstream) -> None:
+        self.upstream = upstream
+
+    async def handle_EHLO(self, server: SMTP, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        drop = tuple(d.upper() for d in self.upstream.script.drop_ehlo)
+        return [r for r in responses if not r[4:].upper().startswith(drop)]
+
+    async def handle_MAIL(self, server: SMTP, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        reply = self.upstream.script.replies.get("MAIL")
+        if reply:
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        replies = self.upstream.script.replies
+        reply = replies.get(f"RCPT:{address}") or replies.get("RCPT")
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        reply = self.upstream.script.replies.get("DATA")
+        if reply:
+            return reply
+        self.upstream.received.append(Received(
+            mail_from=envelope.mail_from,
+            rcpt_tos=list(envelope.rcpt_tos),
+            mail_options=list(envelope.mail_options),
+            rcpt_options=list(envelope.rcpt_options),
+            data=bytes(envelope.original_content or envelope.content),
+            tls=session.ssl is not None,
+            authenticated=bool(session.authenticated),
+        ))
+        return "250 2.0.0 queued as TEST"
+
+
+class SmtpUpstream:
+    """``with SmtpUpstream(ca) as up:`` … ``up.received``."""
+
+    def __init__(self, ca: trustme.CA | None, *, cert_ca: trustme.CA | None = None,
+                 smtputf8: bool = True, credentials: tuple[str, str] | None = None,
+                 script: Script | None = None, hostname: str = "127.0.0.1") -> None:
+        self.port = free_port()
+        self.host = hostname
+        self.received: list[Received] = []
+        self.script = script or Script()
+        self.auth_attempts: list[tuple[str, str]] = []
+        tls = None
+        if ca is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            (cert_ca or ca).issue_cert("127.0.0.1", "localhost").configure_cert(tls)
+        kwargs: dict[str, Any] = {
+            "tls_context": tls, "require_starttls": tls is not None,
+            "enable_SMTPUTF8": smtputf8, "decode_data": False,
+        }
+        if credentials is not None:
+            kwargs.update(authenticator=self._authenticator(credentials), auth_require_tls=True)
+        self.controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port, **kwargs)
+
+    def _authenticator(self, credentials: tuple[str, str]) -> Any:
+        def check(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+            if isinstance(data, LoginPassword):
+                user, password = data.login.decode(), data.password.decode()
+                self.auth_attempts.append((user, password))
+                return AuthResult(success=(user, password) == credentials, handled=False)
+            return AuthResult(success=False, handled=False)
+        return check
+
+    def __enter__(self) -> SmtpUpstream:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.received
+
+
+class RawServer:
+    """A plain-TCP scripted SMTP peer that records every byte the client sends.
+
+    ``lines`` maps a command verb to the reply; used to prove that nothing but
+    EHLO/STARTTLS crosses the wire before TLS.
+    """
+
+    def __init__(self, *, greeting: bytes = b"220 raw.test ESMTP\r\n",
+                 ehlo: bytes = b"250-raw.test\r\n250 8BITMIME\r\n",
+                 starttls: bytes = b"454 4.7.0 TLS not available\r\n") -> None:
+        self.greeting, self.ehlo, self.starttls = greeting, ehlo, starttls
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.port = int(self.sock.getsockname()[1])
+        self.seen = bytearray()
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> RawServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self._talk(conn)
+
+    def _talk(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        conn.sendall(self.greeting)
+        reader = conn.makefile("rb")
+        for line in reader:
+            self.seen += line
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb in (b"EHLO", b"HELO"):
+                conn.sendall(self.ehlo)
+            elif verb == b"STARTTLS":
+                conn.sendall(self.starttls)
+            elif verb == b"QUIT":
+                conn.sendall(b"221 bye\r\n")
+                return
+            else:
+                conn.sendall(b"250 ok\r\n")
+
+
+def write_ca(ca: trustme.CA, directory: Path) -> Path:
+    path = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
