@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from .accounts import AccountError, UnknownAccount
 from .config import ConfigError
 from .encoding import CannotEncode
 from .envelope import (
@@ -19,8 +20,17 @@ from .envelope import (
     TooManyRecipients,
 )
 from .invocation import UsageError
+from .ledger import (
+    LedgerError,
+    LedgerNotInitialised,
+    LedgerUnavailable,
+    LimitNeverFits,
+    LimitReached,
+    UnsupportedLedger,
+)
 from .message import EmptyMessage, MalformedMessage, MessageError
 from .relay import RelayError, UpstreamRefused
+from .spf import SpfNotAuthorised, SpfUnavailable
 
 # Most specific first: the first matching class decides.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -35,6 +45,16 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (NoRecipients, os.EX_NOUSER),
     (TooManyRecipients, os.EX_NOPERM),
     (EnvelopeError, os.EX_DATAERR),
+    (UnknownAccount, os.EX_NOUSER),
+    (AccountError, os.EX_NOPERM),
+    (SpfNotAuthorised, os.EX_NOPERM),
+    (SpfUnavailable, os.EX_UNAVAILABLE),
+    (LimitNeverFits, os.EX_NOPERM),
+    (LimitReached, os.EX_UNAVAILABLE),
+    (LedgerNotInitialised, os.EX_CONFIG),
+    (UnsupportedLedger, os.EX_CONFIG),
+    (LedgerUnavailable, os.EX_UNAVAILABLE),
+    (LedgerError, os.EX_UNAVAILABLE),
     (RelayError, os.EX_UNAVAILABLE),
     (ConfigError, os.EX_CONFIG),
 )
@@ -63,6 +83,8 @@ def smtp_reply_for(exc: BaseException, code: int) -> tuple[int, str]:
     """(reply code, enhanced status) for -bs; an upstream 5xx stays permanent."""
     if isinstance(exc, UpstreamRefused):
         return 554, "5.0.0"
+    if isinstance(exc, LimitReached):
+        return 451, "4.7.1"
     return SMTP_REPLIES.get(code, (451, "4.3.0"))
 
 

@@ -12,34 +12,23 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
+from . import accounts, exitcodes, maillog, spf
 from . import envelope as envelope_stage
-from . import exitcodes, maillog
 from . import message as message_stage
+from .accounts import Caller
 from .config import Config
+from .envelope import Envelope
 from .invocation import Invocation
+from .ledger import Ledger, LedgerError, Reservation
+from .message import Message
 from .relay import RelayResult, Upstream
 
+if TYPE_CHECKING:
+    from .dnsclient import Resolver
 
-@dataclass(frozen=True)
-class Caller:
-    """Who is sending: learned from the process (in-process) or the kernel (gate)."""
-
-    uid: int
-    user: str | None = None
-    pid: int | None = None
-
-    @classmethod
-    def current(cls) -> Caller:
-        return cls(uid=os.getuid(), user=_user_name(os.getuid()), pid=os.getpid())
-
-
-def _user_name(uid: int) -> str | None:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
+__all__ = ["Caller", "Runtime", "Verdict", "refuse", "submit"]
 
 
 @dataclass(frozen=True)
@@ -62,15 +51,29 @@ class Runtime:
 
     def __init__(self, config: Config, *, in_gate: bool = False) -> None:
         self.config = config
-        self.in_gate = in_gate  # callers are then strangers: bound to a customer unless allowed
+        self.in_gate = in_gate
         self.upstream = Upstream(config.upstream, config.path)
+        self.ledger = Ledger.from_config(config)
+        self.spf_cache = self.ledger.spf_cache()  # shared by every process and server on this ledger
         self.hostname = socket.gethostname()
+
+    @property
+    def require_binding(self) -> bool:
+        """In the gate, callers are strangers: they must be bound to a customer unless allowed."""
+        return self.in_gate and not self.config.gate.allow_unbound
+
+    def resolver(self) -> Resolver:
+        from .dnsclient import NetworkResolver
+
+        cfg = self.config.spf
+        return NetworkResolver.from_config(cfg.nameservers, cfg.timeout)
 
 
 def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime) -> Verdict:
     """Run one message through every stage and say what became of it."""
     started = time.monotonic()
     fields: dict[str, object] = {"uid": caller.uid, "user": caller.user, "size": len(raw)}
+    reservation: Reservation | None = None
     try:
         cfg = runtime.config.message
         message = message_stage.parse(raw, invocation.ignore_dots, cfg.qualify_domain)
@@ -78,14 +81,55 @@ def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         fields.update(sender=envelope.sender.key, rcpts=len(envelope.recipients))
         message_stage.complete(message, envelope.sender, invocation.full_name, _trace(runtime, caller))
         fields["msgid"] = message.message_id
-        # From here on only the upstream decides.
+        account = _authorise(envelope, message, caller, runtime)
+        fields.update(account=account.address, customer=account.customer_id)
+        _check_spf(envelope, message, runtime)
+        reservation = runtime.ledger.reserve(account, len(envelope.recipients), message_id=message.message_id or "")
+        # From here on the message counts against the limits until the upstream says no.
         result = runtime.upstream.send(envelope, message)
+        _settle(runtime, reservation, "sent")
         verdict = _sent(result, fields)
-    except Exception as exc:  # every refusal becomes a verdict; nothing escapes to a traceback
+    except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
+        if reservation is not None:
+            _settle(runtime, reservation, "released")
         verdict = _refused(exc, fields)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
-    maillog.write(runtime.config.log, verdict.fields, "info" if verdict.ok else "notice")
+    _record(runtime, verdict)
     return verdict
+
+
+def _authorise(envelope: Envelope, message: Message, caller: Caller, runtime: Runtime) -> accounts.Account:
+    from_domain = message.from_mailbox.domain if message.from_mailbox else None
+    return accounts.authorise(runtime.ledger, envelope.sender.key, from_domain, caller,
+                              require_binding=runtime.require_binding)
+
+
+def _check_spf(envelope: Envelope, message: Message, runtime: Runtime) -> None:
+    cfg = runtime.config.spf
+    if not cfg.enabled:
+        return
+    domains = [envelope.sender.domain]
+    if message.from_mailbox is not None:
+        domains.append(message.from_mailbox.domain)
+    spf.require_authorised(
+        domains, cfg.relay_ips, accept=cfg.accept, hint=cfg.hint, sender=envelope.sender.address,
+        budget=cfg.timeout, cache=runtime.spf_cache, cache_max_ttl=cfg.cache_max_ttl, resolver=runtime.resolver,
+    )
+
+
+def _settle(runtime: Runtime, reservation: Reservation, outcome: str) -> None:
+    try:
+        runtime.ledger.settle(reservation, outcome)
+    except LedgerError:
+        pass  # an unsettled reservation keeps counting: the safe side
+
+
+def _record(runtime: Runtime, verdict: Verdict) -> None:
+    maillog.write(runtime.config.log, verdict.fields, "info" if verdict.ok else "notice")
+    try:
+        runtime.ledger.record_decision(**verdict.fields)
+    except LedgerError:
+        pass  # the syslog line above is the record of last resort
 
 
 def _trace(runtime: Runtime, caller: Caller) -> str:
@@ -116,5 +160,5 @@ def _refused(exc: Exception, fields: dict[str, object]) -> Verdict:
 def refuse(exc: Exception, caller: Caller, runtime: Runtime) -> Verdict:
     """A refusal that happened before ``submit`` (such as reading stdin), logged the same way."""
     verdict = _refused(exc, {"uid": caller.uid, "user": caller.user})
-    maillog.write(runtime.config.log, verdict.fields, "notice")
+    _record(runtime, verdict)
     return verdict

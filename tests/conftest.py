@@ -29,3 +29,6 @@ def upstream(ca: trustme.CA) -> Iterator[SmtpUpstream]:
 @pytest.fixture
 def shim(tmp_path: Path, upstream: SmtpUpstream, ca_file: Path) -> Shim:
     return Shim(tmp_path, upstream.port, ca_file)
+
+
+from tests.support.postgres import postgres_cluster  # noqa: E402,F401 (one real PostgreSQL for the run)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sendmail_shim.ledger import Ledger
+
 BIN = Path(sys.executable).parent
 SENDMAIL = str(BIN / "sendmail")
 ADMIN = str(BIN / "sendmail-shim")
@@ -46,10 +48,15 @@ class Result:
         return self.stderr.strip()
 
 
-class Shim:
-    """A test installation: its config file, log file and ways to call it."""
+SENDING_ACCOUNTS = ("post@kunde.example", "bounce@kunde.example", "root@web1.kunde.example")
 
-    def __init__(self, directory: Path, upstream_port: int, ca_file: Path) -> None:
+
+class Shim:
+    """A test installation: its config file, its ledger with customer "kunde" and its
+    authenticated accounts, its log file, and ways to call it."""
+
+    def __init__(self, directory: Path, upstream_port: int, ca_file: Path,
+                 accounts: tuple[str, ...] = SENDING_ACCOUNTS) -> None:
         self.dir = directory
         self.config_path = directory / "config.toml"
         self.log_path = directory / "decisions.log"
@@ -60,6 +67,12 @@ class Shim:
             "log": {"syslog": False, "file": str(self.log_path)},
         }
         self.write()
+        self.ledger = Ledger(self.sections["ledger"]["url"])
+        self.ledger.upgrade()
+        if accounts:
+            self.ledger.add_customer("kunde")
+        for address in accounts:
+            self.ledger.add_account(address, "kunde", authenticated=True)
 
     def configure(self, section: str, **values: Any) -> None:
         table = self.sections.setdefault(section, {})

@@ -1,0 +1,759 @@
+"""``sendmail-shim``: the admin CLI, a thin layer over the ledger library.
+
+Every command takes ``--json`` and then prints exactly one JSON document on
+stdout (an error too: ``{"ok": false, "error": ..., "exit_code": ...}``).
+Exit codes: 0 ok, 64 usage, 65 bad data, 67 unknown account or customer,
+69 ledger unavailable, 78 configuration or schema.
+
+One click group per area (db, customer, account, usage, limits, override, log,
+config); the spf, queue and serve areas are added beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from .limits import Rule
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .ledger import Account, AuditEntry, Customer, Decision, Ledger, Override, RuleUsage
+
+EX_OK, EX_USAGE, EX_SOFTWARE, EX_CONFIG = 0, 64, 70, 78
+PROG = "sendmail-shim"
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class AdminGroup(click.Group):
+    """Maps usage errors to 64 and the library's errors to their exit codes, as one line."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(argv, PROG, complete_var,
+                                  standalone_mode=False, **extra)
+        except click.exceptions.UsageError as exc:
+            hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
+            fail(exc.format_message() + hint, EX_USAGE, "--json" in argv)
+        except click.exceptions.Abort:
+            fail("aborted", EX_USAGE, "--json" in argv)
+        except click.exceptions.ClickException as exc:
+            fail(exc.format_message(), EX_USAGE, "--json" in argv)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one line and a code
+            fail(*_describe_failure(exc), "--json" in argv)
+        code = result if isinstance(result, int) else EX_OK
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _describe_failure(exc: Exception) -> tuple[str, int]:
+    """Each stage's errors carry their exit code; their message is the line to show."""
+    from .config import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return str(exc), EX_CONFIG
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int):
+        return str(exc), code
+    return f"internal error ({type(exc).__name__}: {exc}); please report it", EX_SOFTWARE
+
+
+def fail(message: str, code: int, as_json: bool) -> NoReturn:
+    click.echo(f"{PROG}: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    sys.exit(code)
+
+
+class State:
+    """Per-invocation state: the config and the ledger, loaded on first use."""
+
+    def __init__(self, config_path: str | None, actor: str | None) -> None:
+        self.config_path = config_path
+        self.actor = actor or _default_actor()
+        self._config: Config | None = None
+        self._ledger: Ledger | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            from .config import load
+
+            self._config = load(self.config_path)
+        return self._config
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            from .ledger import Ledger
+
+            self._ledger = Ledger.from_config(self.config)
+        return self._ledger
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+
+
+def _default_actor() -> str:
+    from .accounts import Caller
+
+    name = Caller.current().label
+    sudo_user = os.environ.get("SUDO_USER")
+    return f"{sudo_user} (via sudo)" if sudo_user and name == "root" else name
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON document on stdout.")(function)
+
+
+def show(as_json: bool, document: Any, text: str | Sequence[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(document, indent=2, sort_keys=False))
+    else:
+        click.echo(text if isinstance(text, str) else "\n".join(text))
+
+
+def iso(at: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC with microseconds (exact), or None."""
+    if at is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def example(*lines: str) -> str:
+    """An epilog: the help of every command ends with an example."""
+    return "\b\nExample:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def scope_of(account: str | None, customer: str | None) -> tuple[str, str]:
+    if (account is None) == (customer is None):
+        raise click.UsageError("give exactly one of --account ADDRESS or --customer ID")
+    return ("account", account) if account is not None else ("customer", customer or "")
+
+
+# --------------------------------------------------------------------------- JSON shapes
+
+
+def account_doc(account: Account) -> dict[str, Any]:
+    return {"address": account.address, "customer": account.customer_id,
+            "authenticated": account.authenticated, "blocked": account.blocked,
+            "block_reason": account.block_reason}
+
+
+def customer_doc(customer: Customer) -> dict[str, Any]:
+    return {"id": customer.id, "unix_users": list(customer.unix_users),
+            "domains": list(customer.domains), "accounts": customer.accounts}
+
+
+def override_doc(override: Override) -> dict[str, Any]:
+    return {"id": override.id, "scope": override.scope, "subject": override.subject,
+            "rule": str(override.rule), "metric": override.rule.metric,
+            "limit": override.rule.limit, "window_seconds": override.rule.window_seconds,
+            "expires_at": iso(override.expires_at), "reason": override.reason,
+            "created_at": iso(override.created_at), "created_by": override.created_by}
+
+
+def usage_doc(usage: RuleUsage) -> dict[str, Any]:
+    return {"scope": usage.scope, "subject": usage.subject, "rule": str(usage.rule),
+            "metric": usage.metric, "window_seconds": usage.window_seconds,
+            "limit": usage.limit, "used": usage.used, "remaining": usage.remaining,
+            "next_free_at": iso(usage.next_free_at),
+            "override": override_doc(usage.override) if usage.override else None}
+
+
+def account_line(account: Account) -> str:
+    state = "authenticated" if account.authenticated else "not authenticated"
+    if account.blocked:
+        state += f", BLOCKED ({account.block_reason or 'no reason given'})"
+    return f"{account.address}  customer={account.customer_id}  {state}"
+
+
+def override_line(override: Override) -> str:
+    from .ledger import format_utc
+
+    return (f"#{override.id} {override.scope} {override.subject}: {override.rule} "
+            f"until {format_utc(override.expires_at)} - {override.reason}")
+
+
+def usage_line(usage: RuleUsage, now: float) -> str:
+    from .ledger import format_delay, format_utc
+
+    line = f"  {str(usage.rule):<24} used {usage.used:>6}  remaining {usage.remaining:>6}"
+    if usage.next_free_at is not None:
+        line += (f"  next free {format_utc(usage.next_free_at)} "
+                 f"(in {format_delay(usage.next_free_at - now)})")
+    if usage.override is not None:
+        line += f"  [override #{usage.override.id}]"
+    return line
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@click.group(cls=AdminGroup, epilog=example("sendmail-shim account list --json"))
+@click.option("--config", "config_path", metavar="PATH",
+              help="Config file (default: $SENDMAIL_SHIM_CONFIG, "
+                   "else /etc/sendmail-shim/config.toml).")
+@click.option("--actor", metavar="NAME",
+              help="Who is acting, for the audit log (default: your Unix user).")
+@click.version_option(package_name="sendmail-shim", prog_name=PROG)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, actor: str | None) -> None:
+    """Manage sendmail-shim: customers, accounts, rate limits and the ledger."""
+    state = State(config_path, actor)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+# ----------------------------------------------------------------- db
+
+
+@cli.group(epilog=example("sendmail-shim db upgrade"))
+def db() -> None:
+    """Create and upgrade the ledger database."""
+
+
+@db.command("upgrade", epilog=example("sendmail-shim db upgrade --owner sendmail-shim"))
+@click.option("--owner", metavar="USER[:GROUP]",
+              help="Give a SQLite ledger file and its directory to this user (e.g. the gate's).")
+@json_option
+@pass_state
+def db_upgrade(state: State, owner: str | None, as_json: bool) -> None:
+    """Create the ledger, or bring its schema up to date (safe to repeat).
+
+    A SQLite file is created with mode 0600 in a 0750 directory.
+    """
+    ledger = state.ledger
+    applied = ledger.upgrade()
+    if owner:
+        _chown_sqlite(ledger, owner)
+    status = ledger.schema_status()
+    text = [f"applied {name}" for name in applied] or ["the ledger is up to date"]
+    show(as_json, {"ok": True, "ledger": ledger.where, "applied": applied,
+                   "schema": list(status.applied)}, [*text, f"ledger: {ledger.where}"])
+
+
+def _chown_sqlite(ledger: Ledger, owner: str) -> None:
+    import grp
+    import pwd
+
+    from .ledger import InvalidInput
+
+    if ledger.dialect != "sqlite":
+        raise click.UsageError("--owner applies to a SQLite ledger only")
+    user, _, group = owner.partition(":")
+    try:
+        entry = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise InvalidInput(f"{owner!r} is not a known user (or group)") from None
+    path = ledger.where
+    for target in (os.path.dirname(os.path.abspath(path)), path, path + "-wal", path + "-shm"):
+        if os.path.exists(target):
+            os.chown(target, entry.pw_uid, gid)
+
+
+@db.command("status", epilog=example("sendmail-shim db status --json"))
+@json_option
+@pass_state
+def db_status(state: State, as_json: bool) -> None:
+    """Show which schema migrations are applied and which are pending."""
+    status = state.ledger.schema_status()
+    text = [f"ledger: {state.ledger.where}",
+            f"applied: {', '.join(status.applied) or 'none'}",
+            f"pending: {', '.join(status.pending) or 'none'}"]
+    if status.pending:
+        text.append("run: sendmail-shim db upgrade")
+    show(as_json, {"ledger": state.ledger.where, "applied": list(status.applied),
+                   "pending": list(status.pending), "unknown": list(status.unknown)}, text)
+
+
+# ----------------------------------------------------------------- customers
+
+
+@cli.group(epilog=example("sendmail-shim customer list"))
+def customer() -> None:
+    """Customers and the Unix users their sites run as."""
+
+
+@customer.command("add", epilog=example("sendmail-shim customer add kunde1 --unix-user web1"))
+@click.argument("customer_id", metavar="ID")
+@click.option("--unix-user", "unix_users", multiple=True, metavar="USER",
+              help="A Unix user whose sites send for this customer (repeatable).")
+@json_option
+@pass_state
+def customer_add(state: State, customer_id: str, unix_users: tuple[str, ...],
+                 as_json: bool) -> None:
+    """Add a customer (or keep an existing one) and bind Unix users to it."""
+    found = state.ledger.add_customer(customer_id, unix_users, actor=state.actor)
+    show(as_json, customer_doc(found), _customer_text(found))
+
+
+def _customer_text(found: Customer) -> str:
+    users = ", ".join(found.unix_users) or "-"
+    domains = ", ".join(found.domains) or "-"
+    return f"{found.id}  unix users: {users}  domains: {domains}  accounts: {found.accounts}"
+
+
+@customer.command("bind", epilog=example("sendmail-shim customer bind kunde1 web2"))
+@click.argument("customer_id", metavar="ID")
+@click.argument("unix_user", metavar="USER")
+@json_option
+@pass_state
+def customer_bind(state: State, customer_id: str, unix_user: str, as_json: bool) -> None:
+    """Bind a Unix user to a customer: its sites may send only from that customer's accounts."""
+    found = state.ledger.bind_user(customer_id, unix_user, actor=state.actor)
+    show(as_json, customer_doc(found), _customer_text(found))
+
+
+@customer.command("unbind", epilog=example("sendmail-shim customer unbind web2"))
+@click.argument("unix_user", metavar="USER")
+@json_option
+@pass_state
+def customer_unbind(state: State, unix_user: str, as_json: bool) -> None:
+    """Remove a Unix user's binding to its customer."""
+    customer_id = state.ledger.unbind_user(unix_user, actor=state.actor)
+    show(as_json, {"ok": True, "unix_user": unix_user, "customer": customer_id},
+         f"{unix_user} is no longer bound to {customer_id}")
+
+
+@customer.command("list", epilog=example("sendmail-shim customer list --json"))
+@json_option
+@pass_state
+def customer_list(state: State, as_json: bool) -> None:
+    """List customers with their Unix users, domains and number of accounts."""
+    customers = state.ledger.list_customers()
+    show(as_json, [customer_doc(c) for c in customers],
+         [_customer_text(c) for c in customers] or ["no customers"])
+
+
+# ----------------------------------------------------------------- accounts
+
+
+@cli.group(epilog=example("sendmail-shim account list --customer kunde1"))
+def account() -> None:
+    """Sending accounts: register, authenticate, block."""
+
+
+@account.command("add", epilog=example(
+    "sendmail-shim account add post@kunde.example --customer kunde1"))
+@click.argument("address")
+@click.option("--customer", "customer_id", required=True, metavar="ID", help="The owning customer.")
+@click.option("--authenticated", is_flag=True, help="Mark it authenticated at once.")
+@json_option
+@pass_state
+def account_add(state: State, address: str, customer_id: str, authenticated: bool,
+                as_json: bool) -> None:
+    """Register a sending account of a customer.
+
+    Its domain becomes one of the customer's domains; a domain belongs to one customer only.
+    """
+    found = state.ledger.add_account(address, customer_id, authenticated=authenticated,
+                                     actor=state.actor)
+    show(as_json, account_doc(found), account_line(found))
+
+
+@account.command("authenticate", epilog=example(
+    "sendmail-shim account authenticate post@kunde.example"))
+@click.argument("address")
+@click.option("--revoke", is_flag=True, help="Withdraw the authentication instead.")
+@json_option
+@pass_state
+def account_authenticate(state: State, address: str, revoke: bool, as_json: bool) -> None:
+    """Mark an account authenticated for sending from web hosting (or revoke it)."""
+    found = state.ledger.authenticate(address, not revoke, actor=state.actor)
+    show(as_json, account_doc(found), account_line(found))
+
+
+@account.command("block", epilog=example(
+    'sendmail-shim account block post@kunde.example --reason "spam run from the contact form"'))
+@click.argument("address")
+@click.option("--reason", help="Why; shown to the site and kept in the audit log.")
+@json_option
+@pass_state
+def account_block(state: State, address: str, reason: str | None, as_json: bool) -> None:
+    """Block an account: nothing is sent from it until it is unblocked."""
+    found = state.ledger.block(address, reason, actor=state.actor)
+    show(as_json, account_doc(found), account_line(found))
+
+
+@account.command("unblock", epilog=example(
+    'sendmail-shim account unblock post@kunde.example --reason "site cleaned"'))
+@click.argument("address")
+@click.option("--reason", help="Why; kept in the audit log.")
+@json_option
+@pass_state
+def account_unblock(state: State, address: str, reason: str | None, as_json: bool) -> None:
+    """Lift an account's block."""
+    found = state.ledger.unblock(address, reason, actor=state.actor)
+    show(as_json, account_doc(found), account_line(found))
+
+
+@account.command("remove", epilog=example("sendmail-shim account remove post@kunde.example"))
+@click.argument("address")
+@json_option
+@pass_state
+def account_remove(state: State, address: str, as_json: bool) -> None:
+    """Remove an account. Its sends stay in the ledger and count again if it is re-added."""
+    found = state.ledger.remove_account(address, actor=state.actor)
+    show(as_json, {"ok": True, "removed": account_doc(found)}, f"removed {found.address}")
+
+
+@account.command("list", epilog=example("sendmail-shim account list --customer kunde1 --json"))
+@click.option("--customer", "customer_id", metavar="ID", help="Only this customer's accounts.")
+@json_option
+@pass_state
+def account_list(state: State, customer_id: str | None, as_json: bool) -> None:
+    """List accounts with their customer and state."""
+    accounts = state.ledger.list_accounts(customer_id)
+    show(as_json, [account_doc(a) for a in accounts],
+         [account_line(a) for a in accounts] or ["no accounts"])
+
+
+# ----------------------------------------------------------------- usage
+
+
+@cli.group(invoke_without_command=True,
+           epilog=example("sendmail-shim usage --account post@kunde.example"))
+@click.option("--account", "account_address", metavar="ADDRESS", help="An account's usage.")
+@click.option("--customer", "customer_id", metavar="ID", help="A customer's usage.")
+@json_option
+@click.pass_context
+def usage(ctx: click.Context, account_address: str | None, customer_id: str | None,
+          as_json: bool) -> None:
+    """Show usage against every rate-limit rule.
+
+    For an account: its own rules and its customer's. --json lists every rule
+    with scope, metric, window_seconds, limit, used, remaining and next_free_at
+    (ISO 8601 UTC; null while some remain).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    state: State = ctx.obj
+    scope, subject = scope_of(account_address, customer_id)
+    ledger = state.ledger
+    now = time.time()
+    rules = ledger.usage(scope, subject, now)
+    subject = rules[0].subject if rules else subject
+    if scope == "account":
+        found = ledger.find_account(subject)
+        if found is not None:
+            rules += ledger.usage("customer", found.customer_id, now)
+    text = []
+    for part in ("account", "customer"):
+        shown = [u for u in rules if u.scope == part]
+        if shown:
+            text += [f"{part} {shown[0].subject}", *[usage_line(u, now) for u in shown]]
+    show(as_json, {"scope": scope, "subject": subject, "rules": [usage_doc(u) for u in rules]},
+         text or [f"{scope} {subject}: no rules configured"])
+
+
+@usage.command("reset", epilog=example(
+    'sendmail-shim usage reset --account post@kunde.example --reason "false alarm"'))
+@click.option("--account", "account_address", metavar="ADDRESS")
+@click.option("--customer", "customer_id", metavar="ID")
+@click.option("--reason", required=True, help="Why; kept in the audit log.")
+@json_option
+@pass_state
+def usage_reset(state: State, account_address: str | None, customer_id: str | None,
+                reason: str, as_json: bool) -> None:
+    """Forgive all usage so far. The sends stay in the ledger; an audited marker is added."""
+    scope, subject = scope_of(account_address, customer_id)
+    marker = state.ledger.reset_usage(scope, subject, reason=reason, actor=state.actor)
+    show(as_json, {"ok": True, "id": marker.id, "scope": scope, "subject": marker.subject,
+                   "at": iso(marker.at), "reason": marker.reason, "by": marker.created_by},
+         f"usage of {scope} {marker.subject} reset ({marker.reason})")
+
+
+# ----------------------------------------------------------------- limits and overrides
+
+
+@cli.group(epilog=example("sendmail-shim limits show"))
+def limits() -> None:
+    """The configured rate limits."""
+
+
+@limits.command("show", epilog=example("sendmail-shim limits show --json"))
+@click.option("--account", "account_address", metavar="ADDRESS",
+              help="Only overrides of this account.")
+@click.option("--customer", "customer_id", metavar="ID", help="Only overrides of this customer.")
+@json_option
+@pass_state
+def limits_show(state: State, account_address: str | None, customer_id: str | None,
+                as_json: bool) -> None:
+    """Print the configured rules and the overrides in force, with expiry and reason."""
+    config = state.config
+    scope, subject = (None, None)
+    if account_address is not None or customer_id is not None:
+        scope, subject = scope_of(account_address, customer_id)
+    overrides = state.ledger.list_overrides(scope, subject)
+    text = ["account rules (each sending account):",
+            *[f"  {rule}" for rule in config.limits.account],
+            "customer rules (all of a customer's accounts together):",
+            *[f"  {rule}" for rule in config.limits.customer],
+            "overrides:", *([f"  {override_line(o)}" for o in overrides] or ["  none"])]
+    show(as_json, {"account": [_rule_doc(r) for r in config.limits.account],
+                   "customer": [_rule_doc(r) for r in config.limits.customer],
+                   "overrides": [override_doc(o) for o in overrides]}, text)
+
+
+def _rule_doc(rule: Rule) -> dict[str, Any]:
+    return {"rule": str(rule), "metric": rule.metric, "limit": rule.limit,
+            "window_seconds": rule.window_seconds}
+
+
+@cli.group(epilog=example("sendmail-shim override list"))
+def override() -> None:
+    """Temporary per-account or per-customer limits, each with an expiry and a reason."""
+
+
+@override.command("set", epilog=example(
+    'sendmail-shim override set --account post@kunde.example --rule "100 messages / 5m" '
+    '--expires 7d --reason "newsletter move"'))
+@click.option("--account", "account_address", metavar="ADDRESS")
+@click.option("--customer", "customer_id", metavar="ID")
+@click.option("--rule", "rule_text", required=True, metavar="RULE",
+              help='Like the config: "100 messages / 5m". Replaces the rule with the same window.')
+@click.option("--expires", required=True, metavar="WHEN",
+              help="A duration from now (7d, 12h) or a UTC time (2026-06-01T12:00).")
+@click.option("--reason", required=True,
+              help="Why; shown by limits show and kept in the audit log.")
+@json_option
+@pass_state
+def override_set(state: State, account_address: str | None, customer_id: str | None,
+                 rule_text: str, expires: str, reason: str, as_json: bool) -> None:
+    """Set an override: it replaces the configured rule with the same metric and window,
+    or adds a rule, until it expires."""
+    from .ledger import InvalidInput, parse_expiry
+    from .limits import RuleSyntaxError, parse_rule
+
+    scope, subject = scope_of(account_address, customer_id)
+    try:
+        rule = parse_rule(rule_text)
+    except RuleSyntaxError as exc:
+        raise InvalidInput(str(exc)) from None
+    expires_at = parse_expiry(expires, time.time())
+    made = state.ledger.set_override(scope, subject, rule, expires_at=expires_at, reason=reason,
+                                     actor=state.actor)
+    show(as_json, override_doc(made), override_line(made))
+
+
+@override.command("list", epilog=example("sendmail-shim override list --customer kunde1 --json"))
+@click.option("--account", "account_address", metavar="ADDRESS")
+@click.option("--customer", "customer_id", metavar="ID")
+@click.option("--all", "include_expired", is_flag=True, help="Include expired overrides.")
+@json_option
+@pass_state
+def override_list(state: State, account_address: str | None, customer_id: str | None,
+                  include_expired: bool, as_json: bool) -> None:
+    """List overrides in force (or all of them)."""
+    scope, subject = (None, None)
+    if account_address is not None or customer_id is not None:
+        scope, subject = scope_of(account_address, customer_id)
+    found = state.ledger.list_overrides(scope, subject, include_expired=include_expired)
+    show(as_json, [override_doc(o) for o in found],
+         [override_line(o) for o in found] or ["no overrides"])
+
+
+@override.command("rm", epilog=example("sendmail-shim override rm 3"))
+@click.argument("override_id", metavar="ID", type=int)
+@json_option
+@pass_state
+def override_rm(state: State, override_id: int, as_json: bool) -> None:
+    """Remove an override at once (the configured rule applies again)."""
+    gone = state.ledger.remove_override(override_id, actor=state.actor)
+    show(as_json, {"ok": True, "removed": override_doc(gone)}, f"removed {override_line(gone)}")
+
+
+# ----------------------------------------------------------------- log
+
+
+@cli.command("log", epilog=example("sendmail-shim log --account post@kunde.example --limit 20"))
+@click.option("--account", "account_address", metavar="ADDRESS", help="Only this account.")
+@click.option("--customer", "customer_id", metavar="ID", help="Only this customer.")
+@click.option("--limit", "count", type=click.IntRange(1, 10000), default=50, show_default=True,
+              help="How many entries.")
+@click.option("--audit", is_flag=True, help="Show admin actions instead of sending decisions.")
+@json_option
+@pass_state
+def log(state: State, account_address: str | None, customer_id: str | None, count: int,
+        audit: bool, as_json: bool) -> None:
+    """Recent decisions (sent, queued, refused and why), newest first; or the audit log."""
+    ledger = state.ledger
+    if audit:
+        entries = ledger.audit_log(count, subject=account_address or customer_id)
+        show(as_json, [audit_doc(e) for e in entries],
+             [audit_line(e) for e in entries] or ["no entries"])
+        return
+    decisions = ledger.recent_decisions(count, account=account_address, customer=customer_id)
+    show(as_json, [decision_doc(d) for d in decisions],
+         [decision_line(d) for d in decisions] or ["no decisions"])
+
+
+def decision_doc(decision: Decision) -> dict[str, Any]:
+    return {"id": decision.id, "at": iso(decision.at), "verdict": decision.verdict,
+            "code": decision.code, "account": decision.account, "customer": decision.customer,
+            "uid": decision.uid, "user": decision.user, "recipients": decision.recipients,
+            "reason": decision.reason, "message_id": decision.message_id,
+            "stage": decision.stage, "reference": decision.reference, "extra": decision.extra}
+
+
+def decision_line(decision: Decision) -> str:
+    from .ledger import format_utc
+
+    line = (f"{format_utc(decision.at)}  {decision.verdict or '-'} ({decision.code})  "
+            f"{decision.account or '-'}  customer={decision.customer or '-'}  "
+            f"uid={decision.uid}  recipients={decision.recipients}")
+    return line + (f"  {decision.reason}" if decision.reason else "")
+
+
+def audit_doc(entry: AuditEntry) -> dict[str, Any]:
+    return {"id": entry.id, "at": iso(entry.at), "actor": entry.actor, "action": entry.action,
+            "subject": entry.subject, "detail": entry.detail}
+
+
+def audit_line(entry: AuditEntry) -> str:
+    from .ledger import format_utc
+
+    line = f"{format_utc(entry.at)}  {entry.actor or '-'}  {entry.action} {entry.subject}"
+    return line + (f"  {entry.detail}" if entry.detail else "")
+
+
+# ----------------------------------------------------------------- config
+
+
+@cli.group(epilog=example("sendmail-shim config check"))
+def config() -> None:
+    """The configuration file."""
+
+
+@config.command("check", epilog=example(
+    "SENDMAIL_SHIM_CONFIG=/etc/sendmail-shim/config.toml sendmail-shim config check"))
+@json_option
+@pass_state
+def config_check(state: State, as_json: bool) -> None:
+    """Validate the config file and check that the ledger is reachable and up to date."""
+    from .ledger import LedgerError
+
+    loaded = state.config
+    problems = _file_problems(loaded)
+    code = EX_CONFIG if problems else EX_OK
+    try:
+        status = state.ledger.schema_status()
+        if status.pending or status.unknown:
+            problems.append(f"the ledger {state.ledger.where} is not current; "
+                            f"run: sendmail-shim db upgrade")
+            code = code or EX_CONFIG
+    except LedgerError as exc:
+        problems.append(str(exc))
+        code = code or exc.exit_code
+    summary = _config_summary(loaded)
+    text = [f"{loaded.path}: {'ok' if not problems else 'problems found'}",
+            *[f"  {key}: {value}" for key, value in summary.items()]]
+    show(as_json, {"ok": not problems, "config": loaded.path, "summary": summary,
+                   "problems": problems}, text)
+    for problem in problems:
+        click.echo(f"{PROG}: {problem}", err=True)
+    if code:
+        raise SystemExit(code)
+
+
+def _config_summary(loaded: Config) -> dict[str, Any]:
+    from .ledger import Ledger
+
+    return {
+        "upstream": f"{loaded.upstream.host}:{loaded.upstream.port}",
+        "ledger": Ledger(loaded.ledger.url).where,
+        "spf": ("relay IPs " + ", ".join(loaded.spf.relay_ips)
+                if loaded.spf.enabled else "disabled"),
+        "account_limits": [str(r) for r in loaded.limits.account],
+        "customer_limits": [str(r) for r in loaded.limits.customer],
+        "gate": loaded.gate.socket or "off (in-process)",
+    }
+
+
+def _file_problems(loaded: Config) -> list[str]:
+    """Files the config names that the services could not use."""
+    problems = []
+    if loaded.upstream.ca_file and not os.access(loaded.upstream.ca_file, os.R_OK):
+        problems.append(f"upstream.ca_file: {loaded.upstream.ca_file} cannot be read")
+    password_file = loaded.upstream.password_file
+    if password_file:
+        try:
+            mode = os.stat(password_file).st_mode
+        except OSError as exc:
+            problems.append(f"upstream.password_file: {password_file}: {exc.strerror}")
+        else:
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                problems.append(f"upstream.password_file: {password_file} is readable by others; "
+                                f"chmod 600 it")
+    return problems
+
+
+def main() -> None:
+    """Console script entry point."""
+    cli.main(prog_name=PROG)
+
+
+# ----------------------------------------------------------------- spf
+
+
+@cli.group(epilog=example("sendmail-shim spf check kunde.example"))
+def spf() -> None:
+    """The SPF records of senders' domains."""
+
+
+@spf.command("check", epilog=example("sendmail-shim spf check kunde.example --ip 192.0.2.25 --json"))
+@click.argument("domain")
+@click.option("--ip", "ips", multiple=True, metavar="IP",
+              help="Relay address to check (repeatable; default: [spf] relay_ips).")
+@json_option
+@pass_state
+def spf_check(state: State, domain: str, ips: tuple[str, ...], as_json: bool) -> None:
+    """Evaluate DOMAIN's SPF record for the relay addresses, with a trace of every term.
+
+    Exit 0 when every address gets an accepted result ([spf] accept), 77 when one does not,
+    69 when DNS could not answer.
+    """
+    import ipaddress
+
+    from . import spf as spf_stage
+    from .dnsclient import NetworkResolver
+
+    cfg = state.config.spf
+    addresses = ips or cfg.relay_ips
+    if not addresses:
+        raise click.UsageError("no address to check: give --ip or set [spf] relay_ips")
+    for ip in addresses:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise click.UsageError(f"{ip!r} is not an IP address") from None
+    resolver = NetworkResolver.from_config(cfg.nameservers, cfg.timeout)
+    report = spf_stage.report(domain, addresses, resolver=resolver, budget=cfg.timeout)
+    show(as_json, report.as_dict(), report.as_text())
+    results = set(report.results.values())
+    if spf_stage.TEMPERROR in results:
+        raise SystemExit(69)
+    if not results <= (set(cfg.accept) - {spf_stage.TEMPERROR}):
+        raise SystemExit(77)

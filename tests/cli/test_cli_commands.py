@@ -1,0 +1,289 @@
+"""The admin CLI, command by command, through click's test runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import Result
+
+from sendmail_shim.config import load
+from sendmail_shim.ledger import Ledger
+from tests.cli.conftest import Invoke
+from tests.ledger.common import write_config
+
+
+def document(result: Result) -> Any:
+    assert result.stdout.count("\n{") == 0 or result.stdout.startswith("{")
+    return json.loads(result.stdout)
+
+
+def one_line_error(result: Result, code: int) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sendmail-shim: "), result.stderr
+    assert "Error:" not in lines[0] and "Traceback" not in result.output
+    return lines[0].removeprefix("sendmail-shim: ")
+
+
+def ledger_of(config_file: Path) -> Ledger:
+    return Ledger.from_config(load(str(config_file)))
+
+
+def test_db_upgrade_then_up_to_date(invoke: Invoke) -> None:
+    first = invoke("db", "upgrade", "--json")
+    assert first.exit_code == 0
+    assert document(first)["applied"] == ["0001_initial"]
+    again = invoke("db", "upgrade")
+    assert again.stdout.splitlines()[0] == "the ledger is up to date"
+    status = document(invoke("db", "status", "--json"))
+    assert (status["applied"], status["pending"]) == (["0001_initial"], [])
+
+
+def test_commands_before_upgrade_say_run_db_upgrade(invoke: Invoke, tmp_path: Path) -> None:
+    line = one_line_error(invoke("account", "list"), 78)
+    assert line.endswith("does not exist; run: sendmail-shim db upgrade")
+    assert not (tmp_path / "state" / "ledger.db").exists()
+    assert document(invoke("db", "status", "--json"))["pending"] == ["0001_initial"]
+
+
+def test_customers_and_their_unix_users(ready: Invoke) -> None:
+    assert document(ready("customer", "bind", "kunde1", "web2", "--json"))["unix_users"] == \
+        ["web1", "web2"]
+    assert document(ready("customer", "list", "--json")) == [
+        {"id": "kunde1", "unix_users": ["web1", "web2"], "domains": ["kunde.example"],
+         "accounts": 1}]
+    assert document(ready("customer", "unbind", "web2", "--json"))["customer"] == "kunde1"
+    assert one_line_error(ready("customer", "add", "kunde2", "--unix-user", "web1"), 65) == (
+        "the Unix user web1 is bound to customer kunde1; unbind it first "
+        "(sendmail-shim customer unbind web1)")
+    assert ready("customer", "list").stdout == \
+        "kunde1  unix users: web1  domains: kunde.example  accounts: 1\n"
+
+
+def test_account_life_cycle(ready: Invoke) -> None:
+    added = document(ready("account", "add", "Info@Kunde.example", "--customer", "kunde1",
+                           "--json"))
+    assert added == {"address": "info@kunde.example", "customer": "kunde1",
+                     "authenticated": False, "blocked": False, "block_reason": None}
+    assert document(ready("account", "authenticate", "info@kunde.example", "--json"))[
+        "authenticated"] is True
+    blocked = document(ready("account", "block", "info@kunde.example", "--reason",
+                             "phishing kit found", "--json"))
+    assert (blocked["blocked"], blocked["block_reason"]) == (True, "phishing kit found")
+    assert ready("account", "list", "--customer", "kunde1").stdout.splitlines() == [
+        "info@kunde.example  customer=kunde1  authenticated, BLOCKED (phishing kit found)",
+        "post@kunde.example  customer=kunde1  authenticated",
+    ]
+    assert document(ready("account", "unblock", "info@kunde.example", "--reason", "cleaned",
+                          "--json"))["blocked"] is False
+    assert document(ready("account", "authenticate", "info@kunde.example", "--revoke",
+                          "--json"))["authenticated"] is False
+    assert document(ready("account", "remove", "info@kunde.example", "--json"))["ok"] is True
+    assert [a["address"] for a in document(ready("account", "list", "--json"))] == \
+        ["post@kunde.example"]
+
+
+def test_account_errors_have_their_exit_codes(ready: Invoke) -> None:
+    assert one_line_error(ready("account", "add", "not-an-address", "--customer", "kunde1"),
+                          65).startswith("'not-an-address' is not an email address")
+    assert one_line_error(ready("account", "add", "x@other.example", "--customer", "nope"),
+                          67) == ("customer nope does not exist; add it with: "
+                                  "sendmail-shim customer add")
+    assert one_line_error(ready("account", "block", "ghost@kunde.example"), 67).startswith(
+        "ghost@kunde.example is not a registered account")
+    assert "--customer" in one_line_error(ready("account", "add", "x@kunde.example"), 64)
+
+
+def test_errors_with_json_are_one_document_too(ready: Invoke) -> None:
+    result = ready("account", "add", "bad", "--customer", "kunde1", "--json")
+    assert result.exit_code == 65
+    assert document(result) == {"ok": False, "exit_code": 65,
+                                "error": "'bad' is not an email address "
+                                         "(write e.g. post@kunde.example)"}
+
+
+def test_usage_json_lists_every_rule_with_exact_next_free(ready: Invoke,
+                                                         config_file: Path) -> None:
+    ledger = ledger_of(config_file)
+    account = ledger.find_account("post@kunde.example")
+    assert account is not None
+    first = ledger.reserve(account, 3, message_id="<0@x>")
+    for i in range(1, 25):
+        ledger.reserve(account, 3, message_id=f"<{i}@x>")
+    result = ready("usage", "--account", "post@kunde.example", "--json")
+    assert result.exit_code == 0
+    report = document(result)
+    assert (report["scope"], report["subject"]) == ("account", "post@kunde.example")
+    rows = [{k: rule[k] for k in ("scope", "metric", "window_seconds", "limit", "used",
+                                  "remaining")} for rule in report["rules"]]
+    assert rows == [
+        {"scope": "account", "metric": "messages", "window_seconds": 300, "limit": 25,
+         "used": 25, "remaining": 0},
+        {"scope": "account", "metric": "recipients", "window_seconds": 300, "limit": 250,
+         "used": 75, "remaining": 175},
+        {"scope": "account", "metric": "recipients", "window_seconds": 86400, "limit": 1000,
+         "used": 75, "remaining": 925},
+        {"scope": "account", "metric": "recipients", "window_seconds": 2592000, "limit": 5000,
+         "used": 75, "remaining": 4925},
+        {"scope": "customer", "metric": "messages", "window_seconds": 3600, "limit": 250,
+         "used": 25, "remaining": 225},
+        {"scope": "customer", "metric": "recipients", "window_seconds": 3600, "limit": 1500,
+         "used": 75, "remaining": 1425},
+    ]
+    next_free = report["rules"][0]["next_free_at"]
+    assert datetime.fromisoformat(next_free).timestamp() == first.at + 300
+    assert [rule["next_free_at"] for rule in report["rules"][1:]] == [None] * 5
+    text = ready("usage", "--account", "post@kunde.example").stdout.splitlines()
+    assert text[0] == "account post@kunde.example"
+    assert text[1].startswith("  25 messages / 5m         used     25  remaining      0  "
+                              "next free ")
+    assert re.search(r" UTC \(in (5 min|4 min \d+ s)\)$", text[1])
+    assert text[5] == "customer kunde1"
+
+
+def test_usage_needs_exactly_one_subject(ready: Invoke) -> None:
+    assert one_line_error(ready("usage"), 64).startswith(
+        "give exactly one of --account ADDRESS or --customer ID")
+    one_line_error(ready("usage", "--account", "post@kunde.example", "--customer", "kunde1"), 64)
+    one_line_error(ready("usage", "--customer", "ghost"), 67)
+
+
+def test_usage_reset_is_audited(ready: Invoke, config_file: Path) -> None:
+    ledger = ledger_of(config_file)
+    account = ledger.find_account("post@kunde.example")
+    assert account is not None
+    ledger.reserve(account, 7, message_id="<m@x>")
+    reset = document(ready("usage", "reset", "--customer", "kunde1", "--reason",
+                           "compromised form fixed", "--json"))
+    assert (reset["scope"], reset["subject"], reset["by"]) == ("customer", "kunde1", "tester")
+    after = document(ready("usage", "--customer", "kunde1", "--json"))["rules"]
+    assert [rule["used"] for rule in after] == [0, 0]
+    audit = document(ready("log", "--audit", "--json", "--limit", "1"))[0]
+    assert (audit["action"], audit["actor"], audit["detail"]) == \
+        ("usage reset", "tester", "customer: compromised form fixed")
+    assert "--reason" in one_line_error(ready("usage", "reset", "--customer", "kunde1"), 64)
+
+
+def test_limits_show_prints_the_configured_rules_and_overrides(ready: Invoke,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "custom").mkdir()
+    config = write_config(tmp_path / "custom", f"sqlite:///{tmp_path}/state/ledger.db",
+                          account_rules=["10 messages / 1m"], customer_rules=["99 messages / 1h"])
+    shown = document(ready("limits", "show", "--json", config=config))
+    assert shown["account"] == [{"rule": "10 messages / 1m", "metric": "messages", "limit": 10,
+                                 "window_seconds": 60}]
+    assert shown["customer"][0]["rule"] == "99 messages / 1h" and shown["overrides"] == []
+    made = document(ready("override", "set", "--customer", "kunde1", "--rule",
+                          "500 messages / 1h", "--expires", "2099-01-01T00:00",
+                          "--reason", "migration weekend", "--json"))
+    text = ready("limits", "show", config=config).stdout.splitlines()
+    assert text[:5] == ["account rules (each sending account):", "  10 messages / 1m",
+                        "customer rules (all of a customer's accounts together):",
+                        "  99 messages / 1h", "overrides:"]
+    assert text[5] == (f"  #{made['id']} customer kunde1: 500 messages / 1h until "
+                       f"2099-01-01 00:00:00 UTC - migration weekend")
+
+
+def test_overrides_set_list_and_remove(ready: Invoke) -> None:
+    made = document(ready("override", "set", "--account", "post@kunde.example", "--rule",
+                          "100 messages / 5m", "--expires", "7d", "--reason", "newsletter",
+                          "--json"))
+    assert (made["scope"], made["metric"], made["limit"], made["window_seconds"],
+            made["reason"], made["created_by"]) == \
+        ("account", "messages", 100, 300, "newsletter", "tester")
+    usage = document(ready("usage", "--account", "post@kunde.example", "--json"))["rules"][0]
+    assert usage["limit"] == 100 and usage["override"]["id"] == made["id"]
+    assert [o["id"] for o in document(ready("override", "list", "--json"))] == [made["id"]]
+    assert document(ready("override", "rm", str(made["id"]), "--json"))["ok"] is True
+    assert document(ready("override", "list", "--json")) == []
+    one_line_error(ready("override", "rm", str(made["id"])), 67)
+
+
+def test_override_input_errors(ready: Invoke) -> None:
+    base = ["override", "set", "--account", "post@kunde.example", "--reason", "x"]
+    assert "is not a limit rule" in one_line_error(
+        ready(*base, "--rule", "lots", "--expires", "7d"), 65)
+    assert "is not an expiry" in one_line_error(
+        ready(*base, "--rule", "9 messages / 1m", "--expires", "someday"), 65)
+    assert "in the past" in one_line_error(
+        ready(*base, "--rule", "9 messages / 1m", "--expires", "2001-01-01"), 65)
+    one_line_error(ready("override", "set", "--account", "post@kunde.example",
+                         "--rule", "9 messages / 1m", "--expires", "7d"), 64)
+
+
+def test_log_shows_recent_decisions(ready: Invoke, config_file: Path) -> None:
+    ledger = ledger_of(config_file)
+    ledger.record_decision(verdict="sent", code=0, account="post@kunde.example",
+                           customer="kunde1", uid=1001, recipients=2, time=1_778_328_000.0)
+    ledger.record_decision(verdict="refused", code=69, account="post@kunde.example",
+                           customer="kunde1", uid=1001, recipients=1, time=1_778_328_001.0,
+                           reason="reached 25 messages per 5 minutes")
+    entries = document(ready("log", "--account", "post@kunde.example", "--json"))
+    assert [(e["verdict"], e["code"], e["at"]) for e in entries] == [
+        ("refused", 69, "2026-05-09T12:00:01.000000Z"), ("sent", 0, "2026-05-09T12:00:00.000000Z")]
+    assert ready("log", "--limit", "1").stdout == (
+        "2026-05-09 12:00:01 UTC  refused (69)  post@kunde.example  customer=kunde1  uid=1001"
+        "  recipients=1  reached 25 messages per 5 minutes\n")
+
+
+def test_config_check_reports_a_good_config(ready: Invoke, config_file: Path) -> None:
+    report = document(ready("config", "check", "--json"))
+    assert report["ok"] is True and report["problems"] == []
+    assert report["config"] == str(config_file)
+    assert report["summary"]["account_limits"][0] == "25 messages / 5m"
+
+
+def test_config_errors_exit_78_with_the_config_error(invoke: Invoke, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[upstream]\nhost = "smtp.example.net"\n[spf]\nenabled = false\n'
+                   '[limits]\naccount = ["lots"]\n')
+    line = one_line_error(invoke("config", "check", config=bad), 78)
+    assert line.startswith(f"{bad}: limits.account: 'lots' is not a limit rule")
+    missing = one_line_error(invoke("account", "list", config=tmp_path / "none.toml"), 78)
+    assert missing.endswith("file not found (set SENDMAIL_SHIM_CONFIG or create it)")
+
+
+def test_config_check_finds_a_readable_password_file(invoke: Invoke, tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o644)
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[upstream]\nhost = "smtp.example.net"\nusername = "relay"\n'
+                      f'password_file = "{secret}"\n[ledger]\n'
+                      f'url = "sqlite:///{tmp_path}/state/ledger.db"\n[spf]\nenabled = false\n')
+    invoke("db", "upgrade", config=config)
+    result = invoke("config", "check", config=config)
+    assert result.exit_code == 78
+    assert f"upstream.password_file: {secret} is readable by others; chmod 600 it" in result.stderr
+    assert "hunter2" not in result.output
+
+
+def test_unreachable_ledger_is_69(invoke: Invoke, tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"postgresql://postgres@/ledger?host={tmp_path}&port=5999",
+                          busy_timeout=2)
+    assert one_line_error(invoke("account", "list", config=config), 69).startswith(
+        "cannot use the ledger database postgresql://postgres@/ledger")
+    assert document(invoke("config", "check", "--json", config=config))["ok"] is False
+
+
+def test_unknown_command_is_64(invoke: Invoke) -> None:
+    assert one_line_error(invoke("frobnicate"), 64) == \
+        "No such command 'frobnicate'. (see: sendmail-shim --help)"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files away")
+def test_db_upgrade_can_hand_the_file_to_the_service_user(invoke: Invoke, tmp_path: Path) -> None:
+    result = invoke("db", "upgrade", "--owner", "nobody")
+    assert result.exit_code == 0, result.output
+    nobody = pwd.getpwnam("nobody")
+    for path in (tmp_path / "state", tmp_path / "state" / "ledger.db"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert one_line_error(invoke("db", "upgrade", "--owner", "no-such-user-here"), 65) == \
+        "'no-such-user-here' is not a known user (or group)"
