@@ -757,3 +757,74 @@ def spf_check(state: State, domain: str, ips: tuple[str, ...], as_json: bool) ->
         raise SystemExit(69)
     if not results <= (set(cfg.accept) - {spf_stage.TEMPERROR}):
         raise SystemExit(77)
+
+
+# ----------------------------------------------------------------- queue
+
+
+@cli.group(epilog=example("sendmail-shim queue list"))
+def queue() -> None:
+    """Messages waiting for the upstream."""
+
+
+def _queue_line(entry: Any) -> str:
+    pending = sum(1 for r in entry.recipients if r.state == "pending")
+    when = iso(entry.next_attempt_at) if entry.state == "queued" else "done"
+    return (f"{entry.id}  {entry.kind:<7} from {entry.sender or '<>'}  {pending}/{len(entry.recipients)} "
+            f"pending  attempts {entry.attempts}  next {when}  {entry.last_error or ''}").rstrip()
+
+
+@queue.command("list", epilog=example("sendmail-shim queue list --json"))
+@click.option("--all", "include_done", is_flag=True, help="Include finished messages.")
+@json_option
+@pass_state
+def queue_list(state: State, include_done: bool, as_json: bool) -> None:
+    """List queued messages: id, sender, recipients pending, attempts, next attempt, last error."""
+    from . import queue as queue_stage
+
+    entries = queue_stage.list_queue(state.ledger, include_done=include_done)
+    show(as_json, [e.as_dict() for e in entries], [_queue_line(e) for e in entries] or ["the queue is empty"])
+
+
+@queue.command("show", epilog=example("sendmail-shim queue show q0123456789abcdef0123"))
+@click.argument("queue_id", metavar="ID")
+@json_option
+@pass_state
+def queue_show(state: State, queue_id: str, as_json: bool) -> None:
+    """One queued message with the state of each recipient."""
+    from . import queue as queue_stage
+
+    entry = queue_stage.show(state.ledger, queue_id)
+    lines = [_queue_line(entry), f"  message-id {entry.message_id}  {entry.size} bytes  "
+             f"queued {iso(entry.created_at)}"]
+    lines += [f"  {r.address}: {r.state}" + (f" ({r.code} {r.reply})" if r.code else "") for r in entry.recipients]
+    show(as_json, entry.as_dict(), lines)
+
+
+@queue.command("delete", epilog=example("sendmail-shim queue delete q0123456789abcdef0123"))
+@click.argument("queue_id", metavar="ID")
+@json_option
+@pass_state
+def queue_delete(state: State, queue_id: str, as_json: bool) -> None:
+    """Drop a queued message without sending it (it stops counting against the limits)."""
+    from . import queue as queue_stage
+
+    entry = queue_stage.delete(state.ledger, queue_id)
+    show(as_json, {"deleted": entry.id}, f"deleted {entry.id}")
+
+
+@queue.command("run", epilog=example("sendmail-shim queue run --now"))
+@click.option("--now", "ignore_backoff", is_flag=True, help="Try every queued message once, ignoring the backoff.")
+@json_option
+@pass_state
+def queue_run(state: State, ignore_backoff: bool, as_json: bool) -> None:
+    """Deliver what is due. Any number of runners may run at once; each message is sent once."""
+    from . import queue as queue_stage
+    from .relay import Upstream
+
+    config = state.config
+    upstream = Upstream(config.upstream, config.path)
+    report = queue_stage.Runner(state.ledger, upstream, config.queue, now=ignore_backoff).run()
+    show(as_json, report.as_dict(),
+         f"{report.messages} message(s) tried: {report.delivered} recipient(s) delivered, "
+         f"{report.deferred} deferred, {report.failed} failed, {report.bounces} bounce(s) queued")

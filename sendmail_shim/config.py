@@ -89,6 +89,7 @@ class QueueConfig:
     min_backoff: int = 300
     max_backoff: int = 4 * 3600
     max_age: int = 5 * 86400
+    lease: int = 600  # how long a runner may hold a message before another may take it over
 
 
 @dataclass(frozen=True)
@@ -391,6 +392,7 @@ def _queue(s: _Section) -> QueueConfig:
         min_backoff=s.duration("min_backoff", 300),
         max_backoff=s.duration("max_backoff", 4 * 3600),
         max_age=s.duration("max_age", 5 * 86400),
+        lease=s.duration("lease", 600),
     )
     if config.max_backoff < config.min_backoff:
         raise s.error("max_backoff", "must not be shorter than min_backoff")

@@ -38,6 +38,10 @@ class TooManyRecipients(EnvelopeError):
     """More recipients than one message may have here (exit 77)."""
 
 
+# The null sender <>: only our own bounces use it, so that a bounce is never bounced.
+NULL_SENDER = Mailbox("", "")
+
+
 @dataclass(frozen=True)
 class Envelope:
     sender: Mailbox
@@ -45,6 +49,10 @@ class Envelope:
     dsn_notify: str | None = None
     dsn_ret: str | None = None
     dsn_envid: str | None = None
+
+    @property
+    def mail_from(self) -> str:
+        return "" if self.sender is NULL_SENDER else self.sender.address
 
     @property
     def needs_smtputf8(self) -> bool:

@@ -34,7 +34,7 @@ from .limits import Rule
 if TYPE_CHECKING:
     from .config import Config, LimitsConfig
 
-MIGRATIONS = ("0001_initial",)
+MIGRATIONS = ("0001_initial", "0002_queue")
 SCOPES = ("account", "customer")
 OUTCOMES = ("sent", "queued", "released")
 COUNTED_STATES = ("reserved", "sent", "queued")
@@ -771,7 +771,16 @@ def _migrate_0001_initial(connection: Any, sa: Any) -> None:
     _schema(sa).create_all(connection)
 
 
-_MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {"0001_initial": _migrate_0001_initial}
+def _migrate_0002_queue(connection: Any, sa: Any) -> None:
+    from .queue import queue_schema  # the queue documents its own format
+
+    queue_schema(sa).create_all(connection)
+
+
+_MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
+    "0001_initial": _migrate_0001_initial,
+    "0002_queue": _migrate_0002_queue,
+}
 
 
 # --------------------------------------------------------------------------- rules
@@ -880,6 +889,18 @@ class Ledger:
                     self.url, self.busy_timeout, sqlite_path=self._sqlite_file
                 )
         return self._backend
+
+    def transaction(self, *, write: bool) -> Any:
+        """A transaction for another stage's tables (the queue): ``with ledger.transaction(write=True) as tx``.
+
+        Writes are serialised as the reservations are (BEGIN IMMEDIATE on SQLite).
+        """
+        self._ensure_schema()
+        return self._db().transaction(write=write)
+
+    def now(self, tx: Any) -> float:
+        """The ledger's clock (the database's on PostgreSQL, so that servers agree)."""
+        return self._now_us(tx, None) / _US
 
     def _read(self) -> Any:
         self._ensure_schema()
@@ -1307,11 +1328,17 @@ class Ledger:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
         send_id = reservation if isinstance(reservation, int) else reservation.id
         with self._write() as tx:
-            tx.run(
-                "UPDATE sends SET state = :s, settled_at = :t WHERE id = :i "
-                "AND state IN ('reserved', 'queued')",
-                {"s": outcome, "t": time.time(), "i": send_id},
-            )
+            self.settle_in(tx, send_id, outcome)
+
+    def settle_in(self, tx: _Tx, send_id: int, outcome: str) -> None:
+        """``settle`` inside a transaction another stage holds (the queue's commit)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+        tx.run(
+            "UPDATE sends SET state = :s, settled_at = :t WHERE id = :i "
+            "AND state IN ('reserved', 'queued')",
+            {"s": outcome, "t": time.time(), "i": send_id},
+        )
 
     def usage(self, scope: str, subject: str, now: float | None = None) -> list[RuleUsage]:
         """Every rule of an account (``scope="account"``) or a customer, as it stands now."""

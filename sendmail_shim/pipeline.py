@@ -6,15 +6,15 @@ The ``sendmail`` command, the ``-bs`` dialogue and the gate all call
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 import traceback
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
-from . import accounts, exitcodes, maillog, spf
+from . import accounts, exitcodes, maillog, queue, spf
 from . import envelope as envelope_stage
 from . import message as message_stage
 from .accounts import Caller
@@ -23,7 +23,7 @@ from .envelope import Envelope
 from .invocation import Invocation
 from .ledger import Ledger, LedgerError, Reservation
 from .message import Message
-from .relay import RelayResult, Upstream
+from .relay import RelayError, RelayResult, Upstream
 
 if TYPE_CHECKING:
     from .dnsclient import Resolver
@@ -85,10 +85,8 @@ def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         fields.update(account=account.address, customer=account.customer_id)
         _check_spf(envelope, message, runtime)
         reservation = runtime.ledger.reserve(account, len(envelope.recipients), message_id=message.message_id or "")
-        # From here on the message counts against the limits until the upstream says no.
-        result = runtime.upstream.send(envelope, message)
-        _settle(runtime, reservation, "sent")
-        verdict = _sent(result, fields)
+        # From here on the message counts against the limits: it ends up sent, queued or released.
+        verdict = _relay_or_queue(envelope, message, reservation, runtime, fields)
     except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
         if reservation is not None:
             _settle(runtime, reservation, "released")
@@ -117,24 +115,48 @@ def _check_spf(envelope: Envelope, message: Message, runtime: Runtime) -> None:
     )
 
 
-def _settle(runtime: Runtime, reservation: Reservation, outcome: str) -> None:
+def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservation, runtime: Runtime,
+                    fields: dict[str, object]) -> Verdict:
     try:
+        result = runtime.upstream.send(envelope, message)
+    except RelayError as exc:
+        if not (exc.temporary and runtime.config.queue.enabled):
+            raise
+        queue_id = queue.enqueue(runtime.ledger, runtime.config.queue, reservation=reservation,
+                                 envelope=envelope, message=message, error=str(exc))
+        # From here on the mail is safe: committed to the queue, it will be delivered or bounced.
+        return _queued(queue_id, str(exc), exc.site_problem, fields)
+    if result.deferred:  # some recipients said "later": they wait in the queue, the rest have it
+        queue_id = queue.enqueue(runtime.ledger, runtime.config.queue, reservation=reservation,
+                                 envelope=envelope, message=message, delivered=result.accepted,
+                                 error="; ".join(f"{r.address}: {r.code} {r.text}" for r in result.deferred))
+        return _queued(queue_id, f"{len(result.deferred)} recipient(s) deferred", False, fields)
+    _settle(runtime, reservation, "sent")
+    return _sent(result, fields)
+
+
+def _settle(runtime: Runtime, reservation: Reservation, outcome: str) -> None:
+    with contextlib.suppress(LedgerError):  # an unsettled reservation keeps counting: the safe side
         runtime.ledger.settle(reservation, outcome)
-    except LedgerError:
-        pass  # an unsettled reservation keeps counting: the safe side
 
 
 def _record(runtime: Runtime, verdict: Verdict) -> None:
-    maillog.write(runtime.config.log, verdict.fields, "info" if verdict.ok else "notice")
-    try:
+    priority = "warning" if "alert" in verdict.fields else "info" if verdict.ok else "notice"
+    maillog.write(runtime.config.log, verdict.fields, priority)
+    with contextlib.suppress(LedgerError):  # the syslog line above is the record of last resort
         runtime.ledger.record_decision(**verdict.fields)
-    except LedgerError:
-        pass  # the syslog line above is the record of last resort
 
 
 def _trace(runtime: Runtime, caller: Caller) -> str:
     who = f"userid {caller.uid}" + (f" ({caller.user})" if caller.user else "")
     return f"by {runtime.hostname} (sendmail-shim, from {who})"
+
+
+def _queued(queue_id: str, reason: str, site_problem: bool, fields: dict[str, object]) -> Verdict:
+    fields.update(verdict="queued", code=0, queue=queue_id, reason=reason)
+    if site_problem:
+        fields["alert"] = "the upstream relay needs the admin's attention"
+    return Verdict(os.EX_OK, None, 250, f"2.0.0 queued as {queue_id}; the upstream will be retried", fields)
 
 
 def _sent(result: RelayResult, fields: dict[str, object]) -> Verdict:

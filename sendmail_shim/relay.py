@@ -29,6 +29,7 @@ class RelayError(Exception):
     """The upstream did not take the message."""
 
     temporary = True
+    site_problem = False  # the relay itself is misbehaving: worth a loud log line for the admin
 
     def __init__(self, text: str, *, stage: str = "", code: int | None = None) -> None:
         super().__init__(text)
@@ -48,12 +49,31 @@ class UpstreamUnavailable(RelayError):
 class UpstreamInsecure(UpstreamUnavailable):
     """No STARTTLS offered, or the TLS handshake or certificate check failed."""
 
+    site_problem = True
+
+
+class UpstreamMisconfigured(UpstreamUnavailable):
+    """The relay refuses us as a client (greeting, EHLO, AUTH): the admin's problem, not the message's."""
+
+    site_problem = True
+
+
+@dataclass(frozen=True)
+class RecipientReply:
+    address: str
+    code: int
+    text: str
+
 
 @dataclass(frozen=True)
 class RelayResult:
+    """What the upstream did with each recipient of one transaction."""
+
     code: int
     text: str
     accepted: tuple[str, ...]
+    deferred: tuple[RecipientReply, ...] = ()  # 4xx at RCPT: try again in a new transaction
+    refused: tuple[RecipientReply, ...] = ()  # 5xx at RCPT: will never take it
 
 
 class _Connection(smtplib.SMTP):
@@ -102,11 +122,16 @@ class Upstream:
             raise ConfigError(self.config_path, key, f"{path} is empty")
         return secret
 
-    def send(self, envelope: Envelope, message: Message) -> RelayResult:
-        """Relay one message; raise a RelayError subclass unless every recipient is accepted."""
+    def send(self, envelope: Envelope, message: Message, *, all_or_nothing: bool = True) -> RelayResult:
+        """Relay one message in one transaction.
+
+        With ``all_or_nothing`` any recipient refusal stops the transaction before DATA
+        (a RelayError says why); otherwise the accepted recipients get the message and
+        the result lists the deferred and refused ones.
+        """
         host = f"{self.config.host}:{self.config.port}"
         try:
-            return self._send(envelope, message)
+            return self._send(envelope, message, all_or_nothing)
         except RelayError:
             raise
         except ssl.SSLCertVerificationError as exc:
@@ -117,7 +142,8 @@ class Upstream:
         except smtplib.SMTPServerDisconnected:
             raise UpstreamUnavailable(f"the upstream {host} closed the connection", stage="connection") from None
         except smtplib.SMTPConnectError as exc:
-            raise _reply_error(exc.smtp_code, exc.smtp_error, "the greeting", host) from None
+            raise UpstreamMisconfigured(f"the upstream {host} greeted with {exc.smtp_code} {_text(exc.smtp_error)}",
+                                        stage="greeting", code=exc.smtp_code) from None
         except smtplib.SMTPResponseException as exc:
             raise _reply_error(exc.smtp_code, exc.smtp_error, "a command", host) from None
         except TimeoutError:
@@ -126,7 +152,7 @@ class Upstream:
             reason = exc.strerror or str(exc)
             raise UpstreamUnavailable(f"cannot reach the upstream {host} ({reason})", stage="connect") from None
 
-    def _send(self, envelope: Envelope, message: Message) -> RelayResult:
+    def _send(self, envelope: Envelope, message: Message, all_or_nothing: bool) -> RelayResult:
         cfg = self.config
         host = f"{cfg.host}:{cfg.port}"
         smtp = _Connection(cfg.host, cfg.port, local_hostname=cfg.helo, timeout=cfg.timeout)
@@ -135,15 +161,16 @@ class Upstream:
             wire = for_upstream(
                 message, envelope, smtputf8=smtp.has_extn("smtputf8"), eightbit=smtp.has_extn("8bitmime")
             )
-            code, text = _transaction(smtp, host, envelope, wire.data, _mail_options(smtp, envelope, wire))
+            options = _mail_options(smtp, envelope, wire)
+            return _transaction(smtp, host, envelope, wire.data, options, all_or_nothing)
         finally:
             _close(smtp)
-        return RelayResult(code, text, tuple(r.address for r in envelope.recipients))
 
     def _secure(self, smtp: _Connection, host: str) -> None:
         code, reply = smtp.ehlo()
         if code != 250:
-            raise _reply_error(code, reply, "EHLO", host)
+            raise UpstreamMisconfigured(f"the upstream {host} answered EHLO with {code} {_text(reply)}",
+                                        stage="EHLO", code=code)
         if not smtp.has_extn("starttls"):
             raise UpstreamInsecure(f"the upstream {host} does not offer STARTTLS; nothing was sent",
                                    stage="starttls")
@@ -161,7 +188,8 @@ class Upstream:
         smtp.does_esmtp = False
         code, reply = smtp.ehlo()
         if code != 250:
-            raise _reply_error(code, reply, "EHLO", host)
+            raise UpstreamMisconfigured(f"the upstream {host} answered EHLO with {code} {_text(reply)}",
+                                        stage="EHLO", code=code)
         self._authenticate(smtp, host)
 
     def _authenticate(self, smtp: _Connection, host: str) -> None:
@@ -172,37 +200,45 @@ class Upstream:
         offered = (smtp.esmtp_features.get("auth") or "").upper().split()
         method = next((m for m in ("PLAIN", "LOGIN") if m in offered), None)
         if method is None:
-            raise UpstreamUnavailable(f"the upstream {host} offers no AUTH PLAIN or LOGIN", stage="AUTH")
+            raise UpstreamMisconfigured(f"the upstream {host} offers no AUTH PLAIN or LOGIN", stage="AUTH")
         smtp.user, smtp.password = self.config.username, password
         authobject = smtp.auth_plain if method == "PLAIN" else smtp.auth_login
         try:
             smtp.auth(method, authobject, initial_response_ok=True)
         except smtplib.SMTPAuthenticationError as exc:
-            raise UpstreamUnavailable(
+            raise UpstreamMisconfigured(
                 f"the upstream {host} refused the relay credentials ({exc.smtp_code}); the admin must fix them",
                 stage="AUTH", code=exc.smtp_code) from None
 
 
-def _transaction(smtp: _Connection, host: str, envelope: Envelope, data: bytes, options: list[str]) -> tuple[int, str]:
-    code, reply = smtp.mail(envelope.sender.address, options)
+def _transaction(smtp: _Connection, host: str, envelope: Envelope, data: bytes, options: list[str],
+                 all_or_nothing: bool) -> RelayResult:
+    code, reply = smtp.mail(envelope.mail_from, options)
     if code != 250:
         raise _reply_error(code, reply, "MAIL FROM", host)
-    refused: list[tuple[str, int, str]] = []
+    accepted: list[str] = []
+    declined: list[RecipientReply] = []
     notify = [f"NOTIFY={envelope.dsn_notify}"] if envelope.dsn_notify and smtp.has_extn("dsn") else []
     for recipient in envelope.recipients:
         code, reply = smtp.rcpt(recipient.address, notify)
-        if code not in (250, 251):
-            refused.append((recipient.address, code, _text(reply)))
-    if refused:
+        if code in (250, 251):
+            accepted.append(recipient.address)
+        else:
+            declined.append(RecipientReply(recipient.address, code, _text(reply)))
+    deferred = tuple(r for r in declined if not 500 <= r.code < 600)
+    refused = tuple(r for r in declined if 500 <= r.code < 600)
+    if (refused and all_or_nothing) or not accepted:
         smtp.rset()
-        raise _refused_recipients(refused)
+        if all_or_nothing:
+            raise _declined_recipients(declined)
+        return RelayResult(0, "no recipient accepted", (), deferred, refused)
     try:
         code, reply = smtp.data(data)
     except smtplib.SMTPDataError as exc:
         raise _reply_error(exc.smtp_code, exc.smtp_error, "DATA", host) from None
     if code != 250:
         raise _reply_error(code, reply, "the end of the data", host)
-    return code, _text(reply)
+    return RelayResult(code, _text(reply), tuple(accepted), deferred, refused)
 
 
 def _mail_options(smtp: _Connection, envelope: Envelope, wire: object) -> list[str]:
@@ -242,13 +278,15 @@ def _reply_error(code: int, reply: bytes | str, stage: str, host: str) -> RelayE
     return UpstreamUnavailable(text, stage=stage, code=code)
 
 
-def _refused_recipients(refused: list[tuple[str, int, str]]) -> RelayError:
-    shown = "; ".join(f"{addr}: {code} {text}" for addr, code, text in refused[:3])
+def _declined_recipients(declined: list[RecipientReply]) -> RelayError:
+    """Permanent when any recipient was refused for good: retrying cannot send the whole message."""
+    refused = [r for r in declined if 500 <= r.code < 600] or declined
+    shown = "; ".join(f"{r.address}: {r.code} {r.text}" for r in refused[:3])
     more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
     text = f"the upstream refused {len(refused)} recipient(s): {shown}{more}; nothing was sent"
-    if all(500 <= code < 600 for _, code, _ in refused):
-        return UpstreamRefused(text, stage="RCPT TO", code=refused[0][1])
-    return UpstreamUnavailable(text, stage="RCPT TO", code=refused[0][1])
+    if 500 <= refused[0].code < 600:
+        return UpstreamRefused(text, stage="RCPT TO", code=refused[0].code)
+    return UpstreamUnavailable(text, stage="RCPT TO", code=refused[0].code)
 
 
 def _close(smtp: _Connection) -> None:

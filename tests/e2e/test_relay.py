@@ -82,7 +82,8 @@ def test_upstream_5xx_at_end_of_data_is_69_with_its_text(shim: Shim, upstream: S
     assert "code=69" in shim.log_lines()[0]
 
 
-def test_upstream_4xx_is_69_never_75(shim: Shim, upstream: SmtpUpstream):
+def test_with_the_queue_off_a_4xx_is_69_never_75(shim: Shim, upstream: SmtpUpstream):
+    shim.configure("queue", enabled=False)
     upstream.script.replies["MAIL"] = "451 4.3.0 try again later"
     result = shim.sendmail("-t", "-i", input=PHP_STYLE)
     assert result.code == 69 and "451" in result.line
@@ -96,7 +97,8 @@ def test_a_refused_recipient_means_nothing_is_sent(shim: Shim, upstream: SmtpUps
     assert upstream.received == []
 
 
-def test_upstream_down(shim: Shim, upstream: SmtpUpstream):
+def test_upstream_down_with_the_queue_off(shim: Shim, upstream: SmtpUpstream):
+    shim.configure("queue", enabled=False)
     shim.configure("upstream", port=free_port())  # nothing listens there
     result = shim.sendmail("-t", "-i", input=PHP_STYLE)
     assert result.code == 69 and "cannot reach the upstream" in result.line

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import trustme
 
+from sendmail_shim import queue
 from tests.support.shim import Shim
 from tests.support.upstream import RawServer, SmtpUpstream
 
 MESSAGE = b"From: post@kunde.example\nTo: ola@x.example\nSubject: s\n\nsecret body\n"
+
+
+def held_back(shim: Shim, result, needle: str) -> None:
+    """A TLS problem holds the message in the queue (exit 0), with a loud log line for the admin."""
+    assert result.code == 0 and result.stderr == ""
+    (entry,) = queue.list_queue(shim.ledger)
+    assert needle in (entry.last_error or "")
+    (line,) = shim.log_lines()
+    assert line.split()[1] == "warning" and "verdict=queued" in line and needle in line
 
 
 def commands(seen: bytes) -> list[bytes]:
@@ -18,7 +28,7 @@ def test_upstream_without_starttls_gets_nothing(shim: Shim):
     with RawServer(ehlo=b"250-raw.test\r\n250 8BITMIME\r\n") as raw:
         shim.configure("upstream", port=raw.port)
         result = shim.sendmail("-t", "-i", input=MESSAGE)
-    assert result.code == 69 and "does not offer STARTTLS" in result.line
+    held_back(shim, result, "does not offer STARTTLS")
     assert commands(bytes(raw.seen)) == [b"EHLO", b"QUIT"]
     assert b"secret" not in raw.seen and b"post@kunde" not in raw.seen
 
@@ -27,7 +37,7 @@ def test_starttls_answered_454_sends_nothing(shim: Shim):
     with RawServer(ehlo=b"250-raw.test\r\n250 STARTTLS\r\n") as raw:
         shim.configure("upstream", port=raw.port)
         result = shim.sendmail("-t", "-i", input=MESSAGE)
-    assert result.code == 69 and "refused STARTTLS (454" in result.line
+    held_back(shim, result, "refused STARTTLS (454")
     assert commands(bytes(raw.seen)) == [b"EHLO", b"STARTTLS", b"QUIT"]
 
 
@@ -35,7 +45,7 @@ def test_starttls_answered_with_garbage_sends_nothing(shim: Shim):
     with RawServer(ehlo=b"250-raw.test\r\n250 STARTTLS\r\n", starttls=b"250 sure, go on in plaintext\r\n") as raw:
         shim.configure("upstream", port=raw.port)
         result = shim.sendmail("-t", "-i", input=MESSAGE)
-    assert result.code == 69
+    held_back(shim, result, "refused STARTTLS (250")
     assert b"MAIL" not in commands(bytes(raw.seen)) and b"secret" not in raw.seen
 
 
@@ -44,20 +54,29 @@ def test_untrusted_certificate_is_refused(ca: trustme.CA, shim: Shim):
         shim.configure("upstream", port=mitm.port)
         result = shim.sendmail("-t", "-i", input=MESSAGE)
         assert mitm.received == []
-    assert result.code == 69 and "certificate" in result.line
+    held_back(shim, result, "certificate")
 
 
 def test_certificate_for_another_name_is_refused(shim: Shim, upstream: SmtpUpstream):
     shim.configure("upstream", tls_server_name="relay.other.example")
     result = shim.sendmail("-t", "-i", input=MESSAGE)
-    assert result.code == 69 and "certificate" in result.line
+    held_back(shim, result, "certificate")
     assert upstream.received == []
 
 
 def test_system_store_does_not_trust_a_private_ca(shim: Shim, upstream: SmtpUpstream):
     shim.configure("upstream", ca_file=None)
     result = shim.sendmail("-t", "-i", input=MESSAGE)
-    assert result.code == 69 and upstream.received == []
+    held_back(shim, result, "certificate")
+    assert upstream.received == []
+
+
+def test_with_the_queue_off_a_tls_failure_is_69(shim: Shim, upstream: SmtpUpstream):
+    shim.configure("queue", enabled=False)
+    shim.configure("upstream", tls_server_name="relay.other.example")
+    result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert result.code == 69 and "certificate" in result.line
+    assert upstream.received == [] and queue.list_queue(shim.ledger) == []
 
 
 def test_auth_only_after_tls_and_the_password_never_leaks(ca: trustme.CA, shim: Shim, tmp_path):
@@ -96,5 +115,5 @@ def test_wrong_password_is_69_and_nothing_sent(ca: trustme.CA, shim: Shim, tmp_p
         shim.configure("upstream", port=authed.port, username="webrelay", password_file=str(password_file))
         result = shim.sendmail("-t", "-i", input=MESSAGE)
         assert authed.received == []
-    assert result.code == 69 and "credentials" in result.line
-    assert "wrong" not in result.line
+    held_back(shim, result, "credentials")
+    assert "wrong" not in "\n".join(shim.log_lines())

@@ -56,6 +56,7 @@ class Script:
 
     replies: dict[str, str] = field(default_factory=dict)
     drop_ehlo: tuple[str, ...] = ()
+    drop_after_data: bool = False  # store the message, then cut the connection before the reply
 
 
 class _Handler:
@@ -100,6 +101,8 @@ class _Handler:
             tls=session.ssl is not None,
             authenticated=bool(session.authenticated),
         ))
+        if self.upstream.script.drop_after_data:
+            server.transport.abort()  # the reply to the final dot is lost
         return "250 2.0.0 queued as TEST"
 
 
@@ -108,8 +111,8 @@ class SmtpUpstream:
 
     def __init__(self, ca: trustme.CA | None, *, cert_ca: trustme.CA | None = None,
                  smtputf8: bool = True, credentials: tuple[str, str] | None = None,
-                 script: Script | None = None, hostname: str = "127.0.0.1") -> None:
-        self.port = free_port()
+                 script: Script | None = None, hostname: str = "127.0.0.1", port: int | None = None) -> None:
+        self.port = port or free_port()
         self.host = hostname
         self.received: list[Received] = []
         self.script = script or Script()
