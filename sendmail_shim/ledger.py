@@ -310,47 +310,38 @@ class SchemaStatus(NamedTuple):
 # --------------------------------------------------------------------------- input checks
 
 
-_ATOM_EXTRA = set("!#$%&'*+-/=?^_`{|}~.")
 
 
 def canonical_domain(text: str) -> str:
-    """Lowercase A-label form of a domain; raise InvalidInput when it is not one."""
-    domain = text.strip().rstrip(".").lower()
-    if domain and not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise InvalidInput(f"{text!r} is not a valid domain name") from None
-    labels = domain.split(".")
-    if len(domain) > 253 or len(labels) < 2 or not all(_valid_label(label) for label in labels):
+    """Lowercase A-label form of a domain (the address parser's); raise InvalidInput when it is not one."""
+    from .addresses import AddressError
+    from .addresses import canonical_domain as parse_domain
+
+    try:
+        domain = parse_domain(text.strip())
+    except AddressError:
+        raise InvalidInput(f"{text!r} is not a valid domain name (write e.g. kunde.example)") from None
+    if "." not in domain:
         raise InvalidInput(f"{text!r} is not a valid domain name (write e.g. kunde.example)")
     return domain
 
 
-def _valid_label(label: str) -> bool:
-    return (
-        0 < len(label) <= 63
-        and label[0] != "-" and label[-1] != "-"
-        and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
-    )
-
-
 def canonical_address(text: str) -> str:
-    """``Post@Kunde.Example`` -> ``post@kunde.example``; raise InvalidInput for anything else.
+    """``Post@Kunde.Example`` -> ``post@kunde.example`` (the address parser's key); else InvalidInput.
 
     Account names are matched without regard to case, as the provider's mail
     servers do, so both parts are lowercased.
     """
-    local, at, domain = text.strip().rpartition("@")
-    if not at or not local:
-        raise InvalidInput(f"{text!r} is not an email address (write e.g. post@kunde.example)")
-    if (
-        len(local) > 64
-        or local.startswith(".") or local.endswith(".") or ".." in local
-        or not all(c.isalnum() or c in _ATOM_EXTRA for c in local)
-    ):
-        raise InvalidInput(f"{text!r} is not an email address: the part before @ is not valid")
-    return f"{local.lower()}@{canonical_domain(domain)}"
+    from .addresses import AddressError, parse_mailbox
+
+    try:
+        mailbox = parse_mailbox(text.strip())
+    except AddressError as exc:
+        raise InvalidInput(f"{text!r} is not an email address ({exc}; write e.g. post@kunde.example)") from None
+    if mailbox.display_name is not None or "<" in text:
+        raise InvalidInput(f"{text!r} is not a bare email address (write e.g. post@kunde.example)")
+    canonical_domain(mailbox.domain)
+    return mailbox.key
 
 
 def check_identifier(text: str, what: str) -> str:

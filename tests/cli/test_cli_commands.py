@@ -105,8 +105,8 @@ def test_errors_with_json_are_one_document_too(ready: Invoke) -> None:
     result = ready("account", "add", "bad", "--customer", "kunde1", "--json")
     assert result.exit_code == 65
     assert document(result) == {"ok": False, "exit_code": 65,
-                                "error": "'bad' is not an email address "
-                                         "(write e.g. post@kunde.example)"}
+                                "error": "'bad' is not an email address ('bad' has no domain (no '@'); "
+                                         "write e.g. post@kunde.example)"}
 
 
 def test_usage_json_lists_every_rule_with_exact_next_free(ready: Invoke,
