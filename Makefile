@@ -1,8 +1,14 @@
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DEB_OUT ?= build/deb
+RPM_OUT ?= build/rpm
+# The checkout as it stands: tracked files and new ones not ignored.
+SOURCES = git ls-files -z --cached --others --exclude-standard | \
+	tar --null --no-recursion --ignore-failed-read -T - -cf - 2>/dev/null
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean deb rpm man
 
 setup: $(STAMP)
 
@@ -23,6 +29,33 @@ lint: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench_ledger.py
+	$(PY) scripts/bench_gate.py build/bench/gate.json
+
+# The Debian 12 package, built from the checkout into $(DEB_OUT)/ and checked by lintian.
+deb:
+	rm -rf $(DEB_OUT)/src $(DEB_OUT)/sendmail-shim_*
+	mkdir -p $(DEB_OUT)/src
+	$(SOURCES) | tar -xf - -C $(DEB_OUT)/src
+	cp -a packaging/debian $(DEB_OUT)/src/debian
+	cd $(DEB_OUT)/src && dpkg-buildpackage --build=binary --no-sign
+	lintian --fail-on error $(DEB_OUT)/sendmail-shim_$(VERSION)_all.deb
+	@echo "built $(DEB_OUT)/sendmail-shim_$(VERSION)_all.deb"
+
+# The RPM, where rpmbuild exists. Off an RPM-based system BuildRequires cannot be checked.
+rpm:
+	@command -v rpmbuild >/dev/null || { echo "make rpm: rpmbuild is not installed" >&2; exit 1; }
+	rm -rf $(RPM_OUT) && mkdir -p $(RPM_OUT)/SOURCES
+	$(SOURCES) | tar -xf - --one-top-level=sendmail-shim-$(VERSION) -C $(RPM_OUT)/SOURCES
+	tar -czf $(RPM_OUT)/SOURCES/sendmail-shim-$(VERSION).tar.gz -C $(RPM_OUT)/SOURCES sendmail-shim-$(VERSION)
+	rm -rf $(RPM_OUT)/SOURCES/sendmail-shim-$(VERSION)
+	rpmbuild -bb --define "_topdir $(abspath $(RPM_OUT))" \
+		$$(rpm -q rpm >/dev/null 2>&1 || echo --nodeps) packaging/rpm/sendmail-shim.spec
+	@ls $(RPM_OUT)/RPMS/*/*.rpm
+
+# Regenerate the man pages from the code (the test suite fails while they differ).
+man: setup
+	$(PY) scripts/manpages.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -828,3 +828,21 @@ def queue_run(state: State, ignore_backoff: bool, as_json: bool) -> None:
     show(as_json, report.as_dict(),
          f"{report.messages} message(s) tried: {report.delivered} recipient(s) delivered, "
          f"{report.deferred} deferred, {report.failed} failed, {report.bounces} bounce(s) queued")
+
+
+# ----------------------------------------------------------------- serve
+
+
+@cli.command("serve", epilog=example("sendmail-shim serve"))
+@json_option
+@pass_state
+def serve(state: State, as_json: bool) -> None:
+    """Run the gate: the local service that sendmail hands each message to (see docs/gate.md).
+
+    It listens on [gate] socket, or on the socket systemd passes, and runs until SIGTERM.
+    """
+    from .gate import serve as run_gate
+
+    code = run_gate(state.config)
+    show(as_json, {"ok": code == EX_OK, "exit_code": code}, "the gate has stopped")
+    raise SystemExit(code)

@@ -52,7 +52,7 @@ class Runtime:
     def __init__(self, config: Config, *, in_gate: bool = False) -> None:
         self.config = config
         self.in_gate = in_gate
-        self.upstream = Upstream(config.upstream, config.path)
+        self.upstream = Upstream(config.upstream, config.path, reuse=in_gate)
         self.ledger = Ledger.from_config(config)
         self.spf_cache = self.ledger.spf_cache()  # shared by every process and server on this ledger
         self.hostname = socket.gethostname()

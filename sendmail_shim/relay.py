@@ -17,6 +17,8 @@ import smtplib
 import socket
 import ssl
 import stat
+import threading
+import time
 from dataclasses import dataclass
 
 from .config import ConfigError, UpstreamConfig
@@ -76,6 +78,13 @@ class RelayResult:
     refused: tuple[RecipientReply, ...] = ()  # 5xx at RCPT: will never take it
 
 
+# Reuse of secured connections (the gate): how long one may wait idle, how long one may live
+# at all (as Postfix's smtp_connection_reuse_time_limit), and how many may wait at once.
+REUSE_IDLE_SECONDS = 10.0
+REUSE_MAX_AGE_SECONDS = 300.0
+REUSE_MAX_IDLE = 8
+
+
 class _Connection(smtplib.SMTP):
     """smtplib with TCP_NODELAY (no Nagle stalls on small commands)."""
 
@@ -88,10 +97,13 @@ class _Connection(smtplib.SMTP):
 class Upstream:
     """The configured upstream; keeps its TLS context and credentials warm."""
 
-    def __init__(self, config: UpstreamConfig, config_path: str = "<config>") -> None:
+    def __init__(self, config: UpstreamConfig, config_path: str = "<config>", *, reuse: bool = False) -> None:
         self.config = config
         self.config_path = config_path
         self._tls: ssl.SSLContext | None = None
+        self.reuse = reuse  # keep secured, authenticated connections between messages
+        self._idle: list[tuple[_Connection, float, float]] = []  # (connection, opened, idle since)
+        self._idle_lock = threading.Lock()
 
     @property
     def tls_context(self) -> ssl.SSLContext:
@@ -155,15 +167,61 @@ class Upstream:
     def _send(self, envelope: Envelope, message: Message, all_or_nothing: bool) -> RelayResult:
         cfg = self.config
         host = f"{cfg.host}:{cfg.port}"
-        smtp = _Connection(cfg.host, cfg.port, local_hostname=cfg.helo, timeout=cfg.timeout)
+        smtp, opened = self._reused() or (self._open(host), time.monotonic())
+        clean = False
         try:
-            self._secure(smtp, host)
             wire = for_upstream(
                 message, envelope, smtputf8=smtp.has_extn("smtputf8"), eightbit=smtp.has_extn("8bitmime")
             )
             options = _mail_options(smtp, envelope, wire)
-            return _transaction(smtp, host, envelope, wire.data, options, all_or_nothing)
+            result = _transaction(smtp, host, envelope, wire.data, options, all_or_nothing)
+            clean = True  # the transaction ended with a reply we understood: the session is reusable
+            return result
         finally:
+            if clean:
+                self._release(smtp, opened)
+            else:
+                _close(smtp)
+
+    def _open(self, host: str) -> _Connection:
+        cfg = self.config
+        smtp = _Connection(cfg.host, cfg.port, local_hostname=cfg.helo, timeout=cfg.timeout)
+        try:
+            self._secure(smtp, host)
+        except BaseException:
+            _close(smtp)
+            raise
+        return smtp
+
+    def _reused(self) -> tuple[_Connection, float] | None:
+        """An idle connection that still answers RSET with 250, or None."""
+        while True:
+            with self._idle_lock:
+                if not self._idle:
+                    return None
+                smtp, opened, idle_since = self._idle.pop()
+            now = time.monotonic()
+            if now - idle_since <= REUSE_IDLE_SECONDS and now - opened <= REUSE_MAX_AGE_SECONDS:
+                try:
+                    if smtp.rset()[0] == 250:
+                        return smtp, opened
+                except (smtplib.SMTPException, OSError):
+                    pass
+            _close(smtp)
+
+    def _release(self, smtp: _Connection, opened: float) -> None:
+        if self.reuse:
+            with self._idle_lock:
+                if len(self._idle) < REUSE_MAX_IDLE:
+                    self._idle.append((smtp, opened, time.monotonic()))
+                    return
+        _close(smtp)
+
+    def close(self) -> None:
+        """Close the connections kept for reuse."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for smtp, _, _ in idle:
             _close(smtp)
 
     def _secure(self, smtp: _Connection, host: str) -> None:

@@ -10,22 +10,34 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import BinaryIO, TextIO
 
 from . import __version__
-from .config import ConfigError, load
-from .invocation import Invocation, UsageError, help_text, parse_argv
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO, TextIO
+
+    from .invocation import Invocation
 
 PROGRAM = "sendmail"
 
 
 def main() -> None:
-    code = run(sys.argv[0], sys.argv[1:], sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    # The shared-hosting path first: it needs neither the config module nor the argv parser.
+    from .gate_client import run_fast
+
+    args = (sys.argv[0], sys.argv[1:], sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    code = run_fast(*args)
+    if code is None:
+        code = run(*args)
     sys.stderr.flush()
     sys.exit(code)
 
 
 def run(program: str, args: list[str], stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
+    from .config import ConfigError, load
+    from .invocation import UsageError, help_text, parse_argv
+
     try:
         invocation = parse_argv(args, program)
     except UsageError as exc:

@@ -1,0 +1,384 @@
+"""Benchmark: ``sendmail`` through the gate against msmtp, on one loopback STARTTLS upstream.
+
+Usage: python scripts/bench_gate.py OUTPUT.json [--calls N] [--burst N] [--parallel N] [--callers N]
+
+Side by side in one run, every client relaying the same message to the same
+aiosmtpd upstream (STARTTLS, certificate verified):
+
+* msmtp as shipped, and msmtp "stall-free": the same binary with a tiny
+  LD_PRELOAD library (built here with gcc) that sets TCP_NODELAY on its TCP
+  sockets, which removes the Nagle/delayed-ACK stalls against this upstream;
+* ``sendmail`` through the gate: the console script of the development
+  install, and the way the Debian package's launcher runs it (the system's
+  python3 with -IS, when it is of this version); each also with ``main()``
+  trying gate_client.run_fast before the full front end;
+* ``sendmail`` in-process (no gate), for reference.
+
+Figures: the median time per call (whole process, calls interleaved across
+the clients), messages per second for ``--burst`` calls ``--parallel`` at a
+time, the client's peak RSS (GNU time), and the gate's peak RSS after
+``--callers`` callers at once. A table goes to stdout, the figures and the
+goals to OUTPUT.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.shim import ADMIN, SENDMAIL, dump_toml  # noqa: E402
+from tests.support.upstream import SmtpUpstream, write_ca  # noqa: E402
+
+NODELAY_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+/* socket(2) as usual, then TCP_NODELAY on every TCP socket: no Nagle stalls. */
+int socket(int domain, int type, int protocol) {
+    static int (*real_socket)(int, int, int);
+    if (!real_socket)
+        real_socket = (int (*)(int, int, int))dlsym(RTLD_NEXT, "socket");
+    int fd = real_socket(domain, type, protocol);
+    int base_type = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0 && (domain == AF_INET || domain == AF_INET6) && base_type == SOCK_STREAM) {
+        int on = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    }
+    return fd;
+}
+"""
+
+LAUNCHER = """\
+import sys
+from sendmail_shim.sendmail import main
+main()
+"""
+FAST_LAUNCHER = """\
+import sys
+from sendmail_shim.gate_client import run_fast
+args = (sys.argv[0], sys.argv[1:], sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+code = run_fast(*args)
+if code is None:
+    from sendmail_shim.sendmail import run
+    code = run(*args)
+sys.stderr.flush()
+sys.exit(code)
+"""
+
+MESSAGE = (b"From: Kunde <post@a.example>\nTo: ola@x.example\nSubject: Kontaktskjema\n\n"
+           + b"Hei,\n\nDette er en melding fra kontaktskjemaet.\n" * 20)
+GENEROUS = ["1000000 messages / 5m", "1000000 recipients / 5m"]
+
+
+@dataclass
+class Client:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    times: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def call(self) -> float:
+        started = time.perf_counter()
+        proc = subprocess.run(self.argv, input=MESSAGE, capture_output=True, env=self.env, timeout=120)
+        elapsed = time.perf_counter() - started
+        if proc.returncode != 0:
+            self.failures.append(f"exit {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
+        return elapsed
+
+
+class Bench:
+    def __init__(self, workdir: Path, upstream: SmtpUpstream, ca_file: Path) -> None:
+        self.dir, self.upstream, self.ca_file = workdir, upstream, ca_file
+        self.base_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        # Byte-code caching on, as an installed package has it, without writing into the source tree.
+        self.base_env["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
+        self.gate: subprocess.Popen[bytes] | None = None
+
+    # -------------------------------------------------------------- set-up
+
+    def config(self, name: str, gate: bool) -> Path:
+        sections: dict[str, dict[str, Any]] = {
+            "upstream": {"host": "127.0.0.1", "port": self.upstream.port, "ca_file": str(self.ca_file)},
+            "ledger": {"url": f"sqlite:///{self.dir / 'ledger.db'}"},
+            "spf": {"enabled": False},
+            "limits": {"account": GENEROUS, "customer": GENEROUS},
+            "log": {"syslog": False, "file": str(self.dir / "decisions.log")},
+        }
+        if gate:
+            sections["gate"] = {"socket": str(self.socket), "max_connections_per_uid": 64}
+        path = self.dir / name
+        path.write_text(dump_toml(sections))
+        return path
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "run" / "gate.sock"
+
+    def set_up_ledger(self, config: Path) -> None:
+        import pwd
+
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        env = dict(self.base_env, SENDMAIL_SHIM_CONFIG=str(config))
+        for step in (["db", "upgrade"], ["customer", "add", "bench", "--unix-user", me],
+                     ["account", "add", "post@a.example", "--customer", "bench", "--authenticated"]):
+            subprocess.run([ADMIN, *step], env=env, check=True, capture_output=True)
+
+    def start_gate(self, config: Path) -> int:
+        (self.dir / "run").mkdir(mode=0o755, exist_ok=True)
+        env = dict(self.base_env, SENDMAIL_SHIM_CONFIG=str(config))
+        self.gate = subprocess.Popen([sys.executable, "-m", "sendmail_shim.gate"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.gate.poll() is not None or time.monotonic() > deadline:
+                errors = self.gate.stderr.read().decode(errors="replace") if self.gate.stderr else ""
+                raise RuntimeError(f"the gate did not start: {errors}")
+            time.sleep(0.02)
+        return self.gate.pid
+
+    def stop_gate(self) -> None:
+        if self.gate is not None and self.gate.poll() is None:
+            self.gate.send_signal(signal.SIGTERM)
+            self.gate.wait(60)
+
+    def msmtp_config(self) -> Path:
+        path = self.dir / "msmtprc"
+        path.write_text(
+            "defaults\ntls on\ntls_starttls on\n"
+            f"tls_trust_file {self.ca_file}\n"
+            f"account bench\nhost 127.0.0.1\nport {self.upstream.port}\nfrom post@a.example\nauth off\n"
+            "account default : bench\n")
+        path.chmod(0o600)
+        return path
+
+    def build_nodelay(self) -> Path | None:
+        gcc = shutil.which("gcc") or shutil.which("cc")
+        if not gcc:
+            return None
+        source, library = self.dir / "nodelay.c", self.dir / "nodelay.so"
+        source.write_text(NODELAY_C)
+        subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"], check=True)
+        return library
+
+    def launcher(self, name: str, interpreter: str, text: str) -> Path:
+        path = self.dir / "bin" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"#!{interpreter}\n{text}")
+        path.chmod(0o755)
+        return path
+
+    def clients(self) -> list[Client]:
+        gate_config, local_config = self.config("gate.toml", True), self.config("local.toml", False)
+        self.set_up_ledger(gate_config)
+        self.start_gate(gate_config)
+        gate_env = dict(self.base_env, SENDMAIL_SHIM_CONFIG=str(gate_config))
+        msmtp = shutil.which("msmtp")
+        found: list[Client] = []
+        if msmtp:
+            rc = self.msmtp_config()
+            found.append(Client("msmtp", [msmtp, "-C", str(rc), "-t"], dict(self.base_env)))
+            nodelay = self.build_nodelay()
+            if nodelay:
+                found.append(Client("msmtp stall-free", [msmtp, "-C", str(rc), "-t"],
+                                    dict(self.base_env, LD_PRELOAD=str(nodelay))))
+        found.append(Client("sendmail via gate", [SENDMAIL, "-t", "-i"], gate_env))
+        fast = self.launcher("sendmail-fast", sys.executable, FAST_LAUNCHER)
+        found.append(Client("sendmail via gate, fast path", [str(fast), "-t", "-i"], gate_env))
+        system = _system_python()
+        if system:
+            # As the Debian package's launcher runs it: the system python3, isolated, no site.
+            packaged = self.launcher("sendmail-packaged", f"{system} -IS", _packaged(LAUNCHER))
+            found.append(Client("sendmail via gate, packaged", [str(packaged), "-t", "-i"], gate_env))
+            packaged_fast = self.launcher("sendmail-packaged-fast", f"{system} -IS", _packaged(FAST_LAUNCHER))
+            found.append(Client("sendmail via gate, fast path, packaged", [str(packaged_fast), "-t", "-i"],
+                                gate_env))
+        found.append(Client("sendmail in-process", [SENDMAIL, "-t", "-i"],
+                            dict(self.base_env, SENDMAIL_SHIM_CONFIG=str(local_config))))
+        # For reference: what starting the interpreter alone costs, sending nothing.
+        found.append(Client("reference: python -c pass", [sys.executable, "-c", "pass"], dict(self.base_env)))
+        if system:
+            found.append(Client("reference: system python3 -IS -c pass", [system, "-IS", "-c", "pass"],
+                                dict(self.base_env)))
+        return found
+
+
+def _packaged(launcher: str) -> str:
+    """A launcher that finds the package as the Debian one does (-I ignores PYTHONPATH)."""
+    return f"import sys\nsys.path.append({str(ROOT)!r})\n{launcher}"
+
+
+def _system_python() -> str | None:
+    """The system's python3, when it is a separate interpreter of this version."""
+    system = shutil.which("python3", path="/usr/bin")
+    if not system or os.path.realpath(system) == os.path.realpath(sys.executable):
+        return None
+    probe = subprocess.run([system, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                           capture_output=True, text=True)
+    return system if probe.stdout.strip() == f"{sys.version_info[0]}.{sys.version_info[1]}" else None
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def per_call(clients: list[Client], calls: int) -> dict[str, float]:
+    for client in clients:  # warm caches (byte code, page cache) before timing
+        client.call()
+    for _ in range(calls):
+        for client in clients:  # interleaved, so that load changes hit every client alike
+            client.times.append(client.call())
+    return {c.name: statistics.median(c.times) * 1000 for c in clients}
+
+
+def throughput(client: Client, burst: int, parallel: int) -> float:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(lambda _: client.call(), range(burst)))
+    return burst / (time.perf_counter() - started)
+
+
+def client_rss_kb(client: Client, samples: int = 5) -> int | None:
+    gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    if not gnu_time:
+        return None
+    peaks = []
+    for _ in range(samples):
+        with tempfile.NamedTemporaryFile() as out:
+            measured = Client(client.name, [gnu_time, "-f", "%M", "-o", out.name, *client.argv], client.env)
+            measured.call()
+            peaks.append(int(Path(out.name).read_text().split()[-1]))
+    return max(peaks)
+
+
+def gate_peak_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gate-"))
+    try:
+        import trustme
+
+        ca = trustme.CA()
+        with SmtpUpstream(ca) as upstream:
+            bench = Bench(workdir, upstream, write_ca(ca, workdir))
+            try:
+                return measure(bench, upstream, args)
+            finally:
+                bench.stop_gate()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(bench: Bench, upstream: SmtpUpstream, args: argparse.Namespace) -> dict[str, Any]:
+    clients = bench.clients()
+    assert bench.gate is not None
+    gate_pid = bench.gate.pid
+    medians = per_call(clients, args.calls)
+    by_name = {c.name: c for c in clients}
+    senders = [c for c in clients if not c.name.startswith("reference")]
+    rates = {c.name: throughput(c, args.burst, args.parallel) for c in senders if "in-process" not in c.name}
+    rss = {c.name: client_rss_kb(c) for c in senders}
+    baseline_gate_kb = gate_peak_kb(gate_pid)
+    callers = by_name["sendmail via gate, fast path"]
+    throughput(callers, args.callers, args.callers)
+    gate_kb = gate_peak_kb(gate_pid)
+    failures = {c.name: c.failures[:3] for c in clients if c.failures}
+    expected = sum(len(c.times) + 1 for c in senders) + args.burst * len(rates) + 5 * len(rss) + args.callers
+    received = len(upstream.wait_for(expected, timeout=30))
+    return report(medians, rates, rss, gate_kb, baseline_gate_kb, failures, expected, received, args)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def report(medians: dict[str, float], rates: dict[str, float], rss: dict[str, int | None], gate_kb: int,
+           baseline_gate_kb: int, failures: dict[str, list[str]], expected: int, received: int,
+           args: argparse.Namespace) -> dict[str, Any]:
+    msmtp, stall_free = medians.get("msmtp"), medians.get("msmtp stall-free")
+    goals: dict[str, Any] = {}
+    for name in [n for n in medians if n.startswith("sendmail via gate")]:
+        client_kb = rss.get(name)
+        goals[name] = {
+            "per_call_vs_msmtp": _ratio(medians[name], msmtp), "goal_per_call_vs_msmtp": 1.0,
+            "per_call_vs_stall_free": _ratio(medians[name], stall_free), "goal_per_call_vs_stall_free": 1.5,
+            "throughput_vs_msmtp": _ratio(rates.get(name), rates.get("msmtp")), "goal_throughput_vs_msmtp": 1.5,
+            "client_peak_rss_mb": round(client_kb / 1024, 1) if client_kb else None, "goal_client_mb": 20,
+        }
+    return {
+        "per_call_median_ms": {k: round(v, 1) for k, v in medians.items()},
+        "messages_per_second": {k: round(v, 1) for k, v in rates.items()},
+        "client_peak_rss_kb": rss,
+        "gate_peak_rss_kb": {"idle_after_warm_up": baseline_gate_kb, f"after_{args.callers}_callers": gate_kb},
+        "goal_gate_mb": 100,
+        "goals": goals,
+        "failures": failures,
+        "messages_expected": expected, "messages_received": received,
+        "settings": {"calls": args.calls, "burst": args.burst, "parallel": args.parallel,
+                     "callers": args.callers, "message_bytes": len(MESSAGE)},
+        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": sys.version.split()[0],
+                    "implementation": platform.python_implementation(), "platform": platform.platform()},
+    }
+
+
+def print_table(figures: dict[str, Any]) -> None:
+    medians, rates, rss = (figures["per_call_median_ms"], figures["messages_per_second"],
+                           figures["client_peak_rss_kb"])
+    print(f"{'client':<48} {'median ms/call':>14} {'msg/s':>8} {'peak RSS MB':>12}")
+    for name, median in medians.items():
+        rate = rates.get(name)
+        kb = rss.get(name)
+        print(f"{name:<48} {median:>14.1f} {rate if rate is not None else '-':>8} "
+              f"{round(kb / 1024, 1) if kb else '-':>12}")
+    gate = figures["gate_peak_rss_kb"]
+    print("gate peak RSS: " + ", ".join(f"{k} {round(v / 1024, 1)} MB" for k, v in gate.items()))
+    for name, goal in figures["goals"].items():
+        print(f"{name}: x{goal['per_call_vs_msmtp']} msmtp per call (goal <= 1), "
+              f"x{goal['per_call_vs_stall_free']} stall-free (goal <= 1.5), "
+              f"x{goal['throughput_vs_msmtp']} msmtp throughput (goal >= 1.5)")
+    print(f"messages received {figures['messages_received']} of {figures['messages_expected']}")
+    if figures["failures"]:
+        print("failures:", json.dumps(figures["failures"], indent=2))
+
+
+def main(argv: list[str] | None = None, out: Callable[[dict[str, Any]], None] = print_table) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", type=Path, help="where to write the figures as JSON")
+    parser.add_argument("--calls", type=int, default=30, help="timed calls per client (default 30)")
+    parser.add_argument("--burst", type=int, default=200, help="calls in the throughput run (default 200)")
+    parser.add_argument("--parallel", type=int, default=8, help="calls at a time in it (default 8)")
+    parser.add_argument("--callers", type=int, default=50, help="callers at once for the gate's RSS")
+    args = parser.parse_args(argv)
+    figures = run(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(figures, indent=2) + "\n")
+    out(figures)
+    return 1 if figures["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The queue runner's units: a oneshot `sendmail-shim queue run` every minute, as the service
+user, running a command the admin CLI really has."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sendmail_shim.cli import cli
+from tests.packaging.conftest import REPO
+
+UNITS = REPO / "packaging" / "systemd"
+
+
+def unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((UNITS / name).read_text())
+    return parser
+
+
+def test_the_queue_runner_is_a_oneshot_run_as_the_service_user() -> None:
+    service = unit("sendmail-shim-queue.service")["Service"]
+    assert service["Type"] == "oneshot"
+    assert service["User"] == service["Group"] == "sendmail-shim"
+    assert shlex.split(service["ExecStart"]) == ["/usr/bin/sendmail-shim", "queue", "run"]
+    assert service.get("NoNewPrivileges") == "yes"
+
+
+def test_the_timer_fires_every_minute_once_enabled() -> None:
+    timer = unit("sendmail-shim-queue.timer")
+    assert timer["Install"]["WantedBy"] == "timers.target"
+    calendar = timer["Timer"]["OnCalendar"]
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is needed")
+    shown = subprocess.run(["systemd-analyze", "calendar", "--iterations=3", calendar],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "Normalized form: *-*-* *:*:00" in shown
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in UNITS.glob("*.service")))
+def test_every_service_runs_a_command_the_admin_cli_has(name: str) -> None:
+    for line in re.findall(r"^ExecStart=(.+)$", (UNITS / name).read_text(), flags=re.MULTILINE):
+        argv = shlex.split(line)
+        assert Path(argv[0]).name == "sendmail-shim", line
+        result = CliRunner().invoke(cli, [*argv[1:], "--help"])
+        assert result.exit_code == 0, f"{name}: `{line}` is not a sendmail-shim command: {result.output}"
