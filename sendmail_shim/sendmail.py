@@ -17,7 +17,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import BinaryIO, TextIO
 
+    from .accounts import Caller
+    from .config import Config
     from .invocation import Invocation
+    from .pipeline import Runtime
 
 PROGRAM = "sendmail"
 
@@ -61,11 +64,9 @@ def run(program: str, args: list[str], stdin: BinaryIO, stdout: BinaryIO, stderr
     return _in_process(invocation, config, stdin, stdout, stderr)
 
 
-def _in_process(invocation: Invocation, config: object, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
-    from .config import Config
+def _in_process(invocation: Invocation, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
     from .pipeline import Caller, Runtime, refuse, submit
 
-    assert isinstance(config, Config)
     runtime = Runtime(config)
     caller = Caller.current()
     if invocation.mode == "smtp":
@@ -81,11 +82,9 @@ def _in_process(invocation: Invocation, config: object, stdin: BinaryIO, stdout:
     return _say(stderr, verdict.line, verdict.code) if verdict.line else verdict.code
 
 
-def _smtp_session(invocation: Invocation, stdin: BinaryIO, stdout: BinaryIO, caller: object, runtime: object) -> int:
-    from .pipeline import Caller, Runtime, submit
+def _smtp_session(invocation: Invocation, stdin: BinaryIO, stdout: BinaryIO, caller: Caller, runtime: Runtime) -> int:
+    from .pipeline import submit
     from .stdio_session import Session
-
-    assert isinstance(caller, Caller) and isinstance(runtime, Runtime)
 
     def deliver(request: Invocation, raw: bytes) -> tuple[int, str]:
         verdict = submit(request, raw, caller, runtime)
