@@ -1473,6 +1473,17 @@ class Ledger:
         DECISION_ALIASES are accepted too); any other field is kept as
         ``key=value`` text in ``extra``.
         """
+        with self._write() as tx:
+            self._insert_decision(tx, fields)
+
+    def settle_and_record(self, reservation: Reservation, outcome: str, decision: dict[str, object]) -> None:
+        """``settle`` and ``record_decision`` in one transaction: one commit (one fsync) per message."""
+        with self._write() as tx:
+            self.settle_in(tx, reservation.id, outcome)
+            self._insert_decision(tx, decision)
+
+    @staticmethod
+    def _insert_decision(tx: _Tx, fields: dict[str, object]) -> None:
         values: dict[str, Any] = {name: None for name in DECISION_FIELDS}
         extra = []
         for name, value in fields.items():
@@ -1487,14 +1498,13 @@ class Ledger:
             values[name] = str(values[name]) if values[name] is not None else None
         values["time"] = float(values["time"]) if values["time"] is not None else time.time()
         values["extra"] = " ".join(extra)[:4000] or None
-        with self._write() as tx:
-            tx.run(
-                "INSERT INTO decisions (at, verdict, code, account, customer_id, uid, unix_user, "
-                "recipients, reason, message_id, stage, reference, extra) VALUES (:time, "
-                ":verdict, :code, :account, :customer, :uid, :user, :recipients, :reason, "
-                ":message_id, :stage, :reference, :extra)",
-                values,
-            )
+        tx.run(
+            "INSERT INTO decisions (at, verdict, code, account, customer_id, uid, unix_user, "
+            "recipients, reason, message_id, stage, reference, extra) VALUES (:time, "
+            ":verdict, :code, :account, :customer, :uid, :user, :recipients, :reason, "
+            ":message_id, :stage, :reference, :extra)",
+            values,
+        )
 
     def recent_decisions(self, limit: int = 50, *, account: str | None = None,
                          customer: str | None = None) -> list[Decision]:

@@ -74,6 +74,7 @@ def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
     started = time.monotonic()
     fields: dict[str, object] = {"uid": caller.uid, "user": caller.user, "size": len(raw)}
     reservation: Reservation | None = None
+    outcome: str | None = None  # how the reservation is settled with the decision record
     try:
         cfg = runtime.config.message
         message = message_stage.parse(raw, invocation.ignore_dots, cfg.qualify_domain)
@@ -86,13 +87,12 @@ def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         _check_spf(envelope, message, runtime)
         reservation = runtime.ledger.reserve(account, len(envelope.recipients), message_id=message.message_id or "")
         # From here on the message counts against the limits: it ends up sent, queued or released.
-        verdict = _relay_or_queue(envelope, message, reservation, runtime, fields)
+        verdict, outcome = _relay_or_queue(envelope, message, reservation, runtime, fields)
     except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
-        if reservation is not None:
-            _settle(runtime, reservation, "released")
+        outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
-    _record(runtime, verdict)
+    _record(runtime, verdict, reservation, outcome)
     return verdict
 
 
@@ -116,7 +116,8 @@ def _check_spf(envelope: Envelope, message: Message, runtime: Runtime) -> None:
 
 
 def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservation, runtime: Runtime,
-                    fields: dict[str, object]) -> Verdict:
+                    fields: dict[str, object]) -> tuple[Verdict, str | None]:
+    """The verdict, and how the reservation is still to be settled (None: the queue did it)."""
     try:
         result = runtime.upstream.send(envelope, message)
     except RelayError as exc:
@@ -125,26 +126,26 @@ def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservati
         queue_id = queue.enqueue(runtime.ledger, runtime.config.queue, reservation=reservation,
                                  envelope=envelope, message=message, error=str(exc))
         # From here on the mail is safe: committed to the queue, it will be delivered or bounced.
-        return _queued(queue_id, str(exc), exc.site_problem, fields)
+        return _queued(queue_id, str(exc), exc.site_problem, fields), None
     if result.deferred:  # some recipients said "later": they wait in the queue, the rest have it
         queue_id = queue.enqueue(runtime.ledger, runtime.config.queue, reservation=reservation,
                                  envelope=envelope, message=message, delivered=result.accepted,
                                  error="; ".join(f"{r.address}: {r.code} {r.text}" for r in result.deferred))
-        return _queued(queue_id, f"{len(result.deferred)} recipient(s) deferred", False, fields)
-    _settle(runtime, reservation, "sent")
-    return _sent(result, fields)
+        return _queued(queue_id, f"{len(result.deferred)} recipient(s) deferred", False, fields), None
+    return _sent(result, fields), "sent"
 
 
-def _settle(runtime: Runtime, reservation: Reservation, outcome: str) -> None:
-    with contextlib.suppress(LedgerError):  # an unsettled reservation keeps counting: the safe side
-        runtime.ledger.settle(reservation, outcome)
-
-
-def _record(runtime: Runtime, verdict: Verdict) -> None:
+def _record(runtime: Runtime, verdict: Verdict, reservation: Reservation | None, outcome: str | None) -> None:
+    """Log the decision, and settle the reservation with the decision row in one commit."""
     priority = "warning" if "alert" in verdict.fields else "info" if verdict.ok else "notice"
     maillog.write(runtime.config.log, verdict.fields, priority)
-    with contextlib.suppress(LedgerError):  # the syslog line above is the record of last resort
-        runtime.ledger.record_decision(**verdict.fields)
+    # A ledger failure here leaves an unsettled reservation counting (the safe side), and the
+    # syslog line above as the record of last resort.
+    with contextlib.suppress(LedgerError):
+        if reservation is not None and outcome is not None:
+            runtime.ledger.settle_and_record(reservation, outcome, verdict.fields)
+        else:
+            runtime.ledger.record_decision(**verdict.fields)
 
 
 def _trace(runtime: Runtime, caller: Caller) -> str:
@@ -182,5 +183,5 @@ def _refused(exc: Exception, fields: dict[str, object]) -> Verdict:
 def refuse(exc: Exception, caller: Caller, runtime: Runtime) -> Verdict:
     """A refusal that happened before ``submit`` (such as reading stdin), logged the same way."""
     verdict = _refused(exc, {"uid": caller.uid, "user": caller.user})
-    _record(runtime, verdict)
+    _record(runtime, verdict, None, None)
     return verdict
