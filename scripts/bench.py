@@ -71,7 +71,7 @@ def msmtp_config(directory: Path, port: int, ca_file: Path) -> Path:
 def shim_config(directory: Path, port: int, ca_file: Path, nameserver: str, name: str,
                 cache_max_ttl: int) -> Path:
     """A config whose limits the benchmark cannot reach, with the account registered."""
-    url = f"sqlite:///{directory / 'ledger.db'}"
+    url = f"sqlite:///{directory / name}.db"  # a ledger each: the SPF cache lives in it
     sections = {
         "upstream": {"host": "127.0.0.1", "port": port, "ca_file": str(ca_file)},
         "ledger": {"url": url},

@@ -52,7 +52,8 @@ class Received:
 
 @dataclass
 class Script:
-    """Replies to give instead of accepting: keyed by 'MAIL', 'RCPT', 'RCPT:<addr>', 'DATA'."""
+    """Replies to give instead of accepting, keyed by stage: 'MAIL', 'RCPT', 'RCPT:<addr>',
+    'DATA-COMMAND' (the reply to DATA itself, instead of 354) and 'DATA' (after the final dot)."""
 
     replies: dict[str, str] = field(default_factory=dict)
     drop_ehlo: tuple[str, ...] = ()
@@ -106,6 +107,30 @@ class _Handler:
         return "250 2.0.0 queued as TEST"
 
 
+class _ScriptedSMTP(SMTP):
+    """aiosmtpd's server, with a scripted answer to the DATA command itself."""
+
+    def __init__(self, upstream: SmtpUpstream, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.upstream = upstream
+
+    async def smtp_DATA(self, arg: str) -> None:
+        reply = self.upstream.script.replies.get("DATA-COMMAND")
+        if reply and self.envelope is not None and self.envelope.rcpt_tos:
+            await self.push(reply)
+            return
+        await super().smtp_DATA(arg)
+
+
+class _Controller(Controller):
+    def __init__(self, upstream: SmtpUpstream, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.upstream = upstream
+
+    def factory(self) -> SMTP:
+        return _ScriptedSMTP(self.upstream, self.handler, **self.SMTP_kwargs)
+
+
 class SmtpUpstream:
     """``with SmtpUpstream(ca) as up:`` … ``up.received``."""
 
@@ -127,7 +152,7 @@ class SmtpUpstream:
         }
         if credentials is not None:
             kwargs.update(authenticator=self._authenticator(credentials), auth_require_tls=True)
-        self.controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port, **kwargs)
+        self.controller = _Controller(self, _Handler(self), hostname="127.0.0.1", port=self.port, **kwargs)
 
     def _authenticator(self, credentials: tuple[str, str]) -> Any:
         def check(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
