@@ -10,8 +10,7 @@ aiosmtpd upstream (STARTTLS, certificate verified):
   sockets, which removes the Nagle/delayed-ACK stalls against this upstream;
 * ``sendmail`` through the gate: the console script of the development
   install, and the way the Debian package's launcher runs it (the system's
-  python3 with -IS, when it is of this version); each also with ``main()``
-  trying gate_client.run_fast before the full front end;
+  python3 with -IS, when it is of this version);
 * ``sendmail`` in-process (no gate), for reference.
 
 Figures: the median time per call (whole process, calls interleaved across
@@ -73,18 +72,6 @@ import sys
 from sendmail_shim.sendmail import main
 main()
 """
-FAST_LAUNCHER = """\
-import sys
-from sendmail_shim.gate_client import run_fast
-args = (sys.argv[0], sys.argv[1:], sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
-code = run_fast(*args)
-if code is None:
-    from sendmail_shim.sendmail import run
-    code = run(*args)
-sys.stderr.flush()
-sys.exit(code)
-"""
-
 MESSAGE = (b"From: Kunde <post@a.example>\nTo: ola@x.example\nSubject: Kontaktskjema\n\n"
            + b"Hei,\n\nDette er en melding fra kontaktskjemaet.\n" * 20)
 GENEROUS = ["1000000 messages / 5m", "1000000 recipients / 5m"]
@@ -203,16 +190,11 @@ class Bench:
                 found.append(Client("msmtp stall-free", [msmtp, "-C", str(rc), "-t"],
                                     dict(self.base_env, LD_PRELOAD=str(nodelay))))
         found.append(Client("sendmail via gate", [SENDMAIL, "-t", "-i"], gate_env))
-        fast = self.launcher("sendmail-fast", sys.executable, FAST_LAUNCHER)
-        found.append(Client("sendmail via gate, fast path", [str(fast), "-t", "-i"], gate_env))
         system = _system_python()
         if system:
             # As the Debian package's launcher runs it: the system python3, isolated, no site.
             packaged = self.launcher("sendmail-packaged", f"{system} -IS", _packaged(LAUNCHER))
             found.append(Client("sendmail via gate, packaged", [str(packaged), "-t", "-i"], gate_env))
-            packaged_fast = self.launcher("sendmail-packaged-fast", f"{system} -IS", _packaged(FAST_LAUNCHER))
-            found.append(Client("sendmail via gate, fast path, packaged", [str(packaged_fast), "-t", "-i"],
-                                gate_env))
         found.append(Client("sendmail in-process", [SENDMAIL, "-t", "-i"],
                             dict(self.base_env, SENDMAIL_SHIM_CONFIG=str(local_config))))
         # For reference: what starting the interpreter alone costs, sending nothing.
@@ -303,7 +285,7 @@ def measure(bench: Bench, upstream: SmtpUpstream, args: argparse.Namespace) -> d
     rates = {c.name: throughput(c, args.burst, args.parallel) for c in senders if "in-process" not in c.name}
     rss = {c.name: client_rss_kb(c) for c in senders}
     baseline_gate_kb = gate_peak_kb(gate_pid)
-    callers = by_name["sendmail via gate, fast path"]
+    callers = by_name["sendmail via gate"]
     throughput(callers, args.callers, args.callers)
     gate_kb = gate_peak_kb(gate_pid)
     failures = {c.name: c.failures[:3] for c in clients if c.failures}

@@ -33,22 +33,18 @@ ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
 RELAY_USER, RELAY_PASSWORD = "relay-user", "s3cret-relay-pw"
 
-# What the proposed ``sendmail`` main() does: the gate path first, the full front end otherwise.
-FAST_LAUNCHER = """\
-import sys
-from sendmail_shim.gate_client import run_fast
-args = (sys.argv[0], sys.argv[1:], sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
-code = run_fast(*args)
-if code is None:
-    from sendmail_shim.sendmail import run
-    code = run(*args)
-sys.stderr.flush()
-sys.exit(code)
-"""
+# ``sendmail`` as installed (main(): the gate's fast path first), and the full front end alone
+# (argv parser and whole config first), to show that both say the same.
 LAUNCHER = """\
-import sys
 from sendmail_shim.sendmail import main
 main()
+"""
+FULL_FRONT_END_LAUNCHER = """\
+import sys
+from sendmail_shim.sendmail import run
+code = run(sys.argv[0], sys.argv[1:], sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+sys.stderr.flush()
+sys.exit(code)
 """
 
 
@@ -311,7 +307,7 @@ class Deployment:
         return path
 
     def _write_launchers(self) -> None:
-        for name, text in (("sendmail", LAUNCHER), ("sendmail-fast", FAST_LAUNCHER)):
+        for name, text in (("sendmail", LAUNCHER), ("sendmail-full", FULL_FRONT_END_LAUNCHER)):
             script = self.bin / name
             script.write_text(f"#!{self.python.executable}\n{text}")
             os.chmod(script, 0o755)
@@ -417,11 +413,11 @@ class Deployment:
     def client_env(self, **extra: str) -> dict[str, str]:
         return {**self.python.env(), "SENDMAIL_SHIM_CONFIG": str(self.config_path), **extra}
 
-    def sendmail(self, *args: str, input: bytes = b"", user: User | None = None, fast: bool = False,
+    def sendmail(self, *args: str, input: bytes = b"", user: User | None = None, full: bool = False,
                  env: dict[str, str] | None = None, timeout: float = 60, measure_rss: bool = False) -> Result:
         """``sendmail`` as a site runs it: as the site's Unix user, with the public config."""
         user = user or self.users.a
-        launcher = self.bin / ("sendmail-fast" if fast else "sendmail")
+        launcher = self.bin / ("sendmail-full" if full else "sendmail")
         return run_process([str(launcher), *args], input=input, env=env or self.client_env(),
                            cwd=str(self.base), timeout=timeout, options=user.run_options(),
                            measure_rss=measure_rss)

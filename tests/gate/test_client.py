@@ -101,11 +101,11 @@ def test_client_killed_while_sending_sends_and_charges_nothing(gate: Deployment,
 # ------------------------------------------------------------------ what the client is
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["sendmail", "fast path"])
+@pytest.mark.parametrize("full", [False, True], ids=["sendmail", "full front end"])
 def test_client_loads_only_the_standard_library_and_no_secrets(gate: Deployment, relay: SmtpUpstream,
-                                                                fast: bool) -> None:
+                                                                full: bool) -> None:
     env = gate.client_env(PYTHONPROFILEIMPORTTIME="1")
-    result = gate.sendmail("-t", "-i", input=message(), env=env, fast=fast)
+    result = gate.sendmail("-t", "-i", input=message(), env=env, full=full)
     assert result.code == 0
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
@@ -181,17 +181,17 @@ def test_gate_ignores_the_config_the_caller_points_sendmail_at(gate: Deployment,
     ["--bogus"],
 ])
 def test_fast_path_refusals_match_the_full_front_end(gate: Deployment, relay: SmtpUpstream, args: list[str]) -> None:
-    full = gate.sendmail(*args, input=message())
-    fast = gate.sendmail(*args, input=message(), fast=True)
+    full = gate.sendmail(*args, input=message(), full=True)
+    fast = gate.sendmail(*args, input=message())
     assert full.code == fast.code == 64
     assert fast.line == full.line
     assert relay.received == []
 
 
 def test_fast_path_leaves_smtp_mode_help_and_version_to_the_full_front_end(gate: Deployment) -> None:
-    version = gate.sendmail("--version", fast=True)
+    version = gate.sendmail("--version")
     assert version.code == 0 and version.stdout.startswith(b"sendmail-shim ")
-    session = gate.sendmail("-bs", input=b"QUIT\r\n", fast=True)
+    session = gate.sendmail("-bs", input=b"QUIT\r\n")
     assert session.stdout.startswith(b"220 ") and b"221 " in session.stdout
 
 

@@ -128,7 +128,7 @@ def test_fifty_callers_at_once_each_message_sent_once(deployment: Deployment, re
     def send(number: int) -> int:
         which = number % 2
         return gate.sendmail("-t", "-i", input=message(accounts[which], subject=f"n{number}"),
-                             user=users[which], fast=True).code
+                             user=users[which]).code
 
     with ThreadPoolExecutor(50) as pool:
         codes = list(pool.map(send, range(50)))
