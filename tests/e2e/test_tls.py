@@ -117,3 +117,20 @@ def test_wrong_password_is_69_and_nothing_sent(ca: trustme.CA, shim: Shim, tmp_p
         assert authed.received == []
     held_back(shim, result, "credentials")
     assert "wrong" not in "\n".join(shim.log_lines())
+
+
+def test_starttls_response_injection_is_discarded(ca: trustme.CA, shim: Shim):
+    # Bytes a server (or a man in the middle) sends after "220" in plaintext must not be read
+    # as replies inside TLS: had they been, the injected 550 would answer EHLO or MAIL FROM.
+    import ssl
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    injected = b"550 5.7.0 injected before TLS\r\n550 5.7.0 injected again\r\n"
+    with RawServer(ehlo=b"250-raw.test\r\n250 STARTTLS\r\n", tls=tls, inject=injected) as raw:
+        shim.configure("upstream", port=raw.port)
+        result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert result.code == 0 and "queued" not in "\n".join(shim.log_lines()), result.line
+    assert commands(bytes(raw.seen_in_tls))[:2] == [b"EHLO", b"MAIL"]  # EHLO again, inside TLS
+    assert len(raw.messages) == 1 and b"secret body" in raw.messages[0]
+    assert b"secret" not in raw.seen  # nothing of the message in plaintext

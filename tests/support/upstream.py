@@ -6,6 +6,7 @@ the DATA bytes) and can be scripted to refuse at any stage.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -178,21 +179,27 @@ class SmtpUpstream:
 
 
 class RawServer:
-    """A plain-TCP scripted SMTP peer that records every byte the client sends.
+    """A scripted SMTP peer that records every byte the client sends.
 
-    ``lines`` maps a command verb to the reply; used to prove that nothing but
-    EHLO/STARTTLS crosses the wire before TLS.
+    Without ``tls`` it proves that nothing but EHLO/STARTTLS crosses the wire
+    before TLS. With ``tls`` it answers STARTTLS with 220 followed, in the same
+    segment, by ``inject`` (the STARTTLS response-injection attack), then
+    speaks SMTP inside TLS and records what it hears there in ``seen_in_tls``.
     """
 
     def __init__(self, *, greeting: bytes = b"220 raw.test ESMTP\r\n",
                  ehlo: bytes = b"250-raw.test\r\n250 8BITMIME\r\n",
-                 starttls: bytes = b"454 4.7.0 TLS not available\r\n") -> None:
+                 starttls: bytes = b"454 4.7.0 TLS not available\r\n",
+                 tls: ssl.SSLContext | None = None, inject: bytes = b"") -> None:
         self.greeting, self.ehlo, self.starttls = greeting, ehlo, starttls
+        self.tls, self.inject = tls, inject
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(5)
         self.port = int(self.sock.getsockname()[1])
         self.seen = bytearray()
+        self.seen_in_tls = bytearray()
+        self.messages: list[bytes] = []
         self._stop = False
         self.thread = threading.Thread(target=self._serve, daemon=True)
 
@@ -210,7 +217,7 @@ class RawServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            with conn:
+            with conn, contextlib.suppress(OSError, ssl.SSLError):
                 self._talk(conn)
 
     def _talk(self, conn: socket.socket) -> None:
@@ -222,8 +229,35 @@ class RawServer:
             verb = line.split(b" ", 1)[0].strip().upper()
             if verb in (b"EHLO", b"HELO"):
                 conn.sendall(self.ehlo)
+            elif verb == b"STARTTLS" and self.tls is not None:
+                conn.sendall(b"220 2.0.0 go ahead\r\n" + self.inject)
+                with self.tls.wrap_socket(conn, server_side=True) as secure:
+                    self._talk_in_tls(secure)
+                return
             elif verb == b"STARTTLS":
                 conn.sendall(self.starttls)
+            elif verb == b"QUIT":
+                conn.sendall(b"221 bye\r\n")
+                return
+            else:
+                conn.sendall(b"250 ok\r\n")
+
+    def _talk_in_tls(self, conn: ssl.SSLSocket) -> None:
+        reader = conn.makefile("rb")
+        for line in reader:
+            self.seen_in_tls += line
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb in (b"EHLO", b"HELO"):
+                conn.sendall(b"250-raw.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go on\r\n")
+                data = bytearray()
+                for data_line in reader:
+                    if data_line == b".\r\n":
+                        break
+                    data += data_line
+                self.messages.append(bytes(data))
+                conn.sendall(b"250 2.0.0 stored\r\n")
             elif verb == b"QUIT":
                 conn.sendall(b"221 bye\r\n")
                 return
