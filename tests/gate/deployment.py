@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.shim import ADMIN, SENDMAIL, dump_toml
+from tests.support.shim import ADMIN, SENDMAIL, dump_toml, update_section
 
 ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
@@ -291,12 +291,7 @@ class Deployment:
             os.chown(path, self.users.gate.uid, self.users.gate.gid)
 
     def configure(self, section: str, **values: Any) -> None:
-        table = self.sections.setdefault(section, {})
-        for key, value in values.items():
-            if value is None:
-                table.pop(key, None)
-            else:
-                table[key] = value
+        update_section(self.sections, section, values)
         self.write_config()
 
     def write_config(self, path: Path | None = None, sections: dict[str, dict[str, Any]] | None = None,

@@ -28,6 +28,16 @@ def toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
+def update_section(sections: dict[str, dict[str, Any]], section: str, values: dict[str, Any]) -> None:
+    """Set keys of one config table; a value of None removes the key."""
+    table = sections.setdefault(section, {})
+    for key, value in values.items():
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+
+
 def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
     out = []
     for name, table in sections.items():
@@ -75,12 +85,7 @@ class Shim:
             self.ledger.add_account(address, "kunde", authenticated=True)
 
     def configure(self, section: str, **values: Any) -> None:
-        table = self.sections.setdefault(section, {})
-        for key, value in values.items():
-            if value is None:
-                table.pop(key, None)
-            else:
-                table[key] = value
+        update_section(self.sections, section, values)
         self.write()
 
     def write(self) -> None:
