@@ -130,6 +130,8 @@ EXIT_MEANINGS: dict[int, str] = {
                        "upstream refused (5xx) or is unavailable with the queue off; the ledger, "
                        "DNS or the gate is unavailable. Checks fail closed.",
     os.EX_SOFTWARE: "An internal error; the line gives a reference to look up in the mail log.",
+    os.EX_PROTOCOL: "The gate could not read the request: the client speaks another version of the "
+                    "gate protocol.",
     os.EX_NOPERM: "Not permitted: the account is not authenticated, blocked, or not the caller's "
                   "customer's; the From domain is not the customer's; the SPF record does not "
                   "authorise the relay; more recipients than a message or a limit can ever allow.",

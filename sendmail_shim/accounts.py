@@ -6,7 +6,8 @@ bound to a customer may only send from that customer's accounts, and the From
 header's domain must be one of the customer's domains (the domains of its
 accounts).
 
-Light at import time: the ledger module imports nothing heavy until it is used.
+The ledger's directory holds the accounts; this stage reads them through a
+ledger it is handed and imports no part of the store.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .ledger import Account
-
 if TYPE_CHECKING:
-    from .ledger import Ledger
+    from .ledger import AccountEntry, Ledger
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,25 @@ class Caller:
         return self.user if self.user is not None else f"uid {self.uid}"
 
 
+@dataclass(frozen=True)
+class Account:
+    """The sending account of one message, as the directory holds it."""
+
+    address: str
+    customer_id: str
+    authenticated: bool
+    blocked: bool
+    block_reason: str | None
+
+    @classmethod
+    def from_entry(cls, entry: AccountEntry) -> Account:
+        return cls(entry.address, entry.customer_id, entry.authenticated, entry.blocked, entry.block_reason)
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+
 def user_name(uid: int) -> str | None:
     import pwd
 
@@ -54,12 +72,8 @@ def user_name(uid: int) -> str | None:
 class AccountError(Exception):
     """Family root. ``str(exc)`` is the user's one line: what happened and what to do."""
 
-    exit_code = 77
-
 
 class UnknownAccount(AccountError):
-    exit_code = 67
-
     def __init__(self, sender: str) -> None:
         self.sender = sender
         super().__init__(
@@ -69,8 +83,6 @@ class UnknownAccount(AccountError):
 
 
 class AccountNotAuthenticated(AccountError):
-    exit_code = 77
-
     def __init__(self, account: Account) -> None:
         self.account = account
         super().__init__(
@@ -80,8 +92,6 @@ class AccountNotAuthenticated(AccountError):
 
 
 class AccountBlocked(AccountError):
-    exit_code = 77
-
     def __init__(self, account: Account) -> None:
         self.account = account
         why = f" ({account.block_reason})" if account.block_reason else ""
@@ -92,8 +102,6 @@ class AccountBlocked(AccountError):
 
 
 class NotCallersAccount(AccountError):
-    exit_code = 77
-
     def __init__(self, account: Account, caller: Caller) -> None:
         self.account, self.caller = account, caller
         super().__init__(
@@ -103,8 +111,6 @@ class NotCallersAccount(AccountError):
 
 
 class ForeignFromDomain(AccountError):
-    exit_code = 77
-
     def __init__(self, from_domain: str, account: Account, domains: set[str]) -> None:
         self.from_domain, self.account, self.domains = from_domain, account, domains
         own = ", ".join(sorted(domains)[:5]) + (", ..." if len(domains) > 5 else "")
@@ -115,8 +121,6 @@ class ForeignFromDomain(AccountError):
 
 
 class UnboundCaller(AccountError):
-    exit_code = 77
-
     def __init__(self, caller: Caller) -> None:
         self.caller = caller
         super().__init__(
@@ -139,9 +143,10 @@ def authorise(
     A-label domain); ``from_domain`` likewise, or None when From has no domain
     of its own. Raises an AccountError naming why not and what to do.
     """
-    account = ledger.find_account(sender)
-    if account is None:
+    entry = ledger.find_account(sender)
+    if entry is None:
         raise UnknownAccount(sender)
+    account = Account.from_entry(entry)
     # The binding is checked before the account's own state so that a site
     # learns nothing about another customer's accounts.
     bound = ledger.customer_of_user(caller.user) if caller.user is not None else None

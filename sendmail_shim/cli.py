@@ -2,8 +2,9 @@
 
 Every command takes ``--json`` and then prints exactly one JSON document on
 stdout (an error too: ``{"ok": false, "error": ..., "exit_code": ...}``).
-Exit codes: 0 ok, 64 usage, 65 bad data, 67 unknown account or customer,
-69 ledger unavailable, 78 configuration or schema.
+Exit codes come from ``exitcodes``, the table ``sendmail`` and the gate use:
+0 ok, 64 usage, 65 bad data, 67 unknown account or customer, 69 ledger
+unavailable, 78 configuration or schema.
 
 One click group per area (db, customer, account, usage, limits, override, log,
 config); the spf, queue and serve areas are added beside them.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from .exitcodes import EX_CONFIG, EX_NOPERM, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, exit_code_for
 from .limits import Rule
 
 if TYPE_CHECKING:
     from .config import Config
-    from .ledger import Account, AuditEntry, Customer, Decision, Ledger, Override, RuleUsage
+    from .ledger import AccountEntry, AuditEntry, Customer, Decision, Ledger, Override, RuleUsage
 
-EX_OK, EX_USAGE, EX_SOFTWARE, EX_CONFIG = 0, 64, 70, 78
 PROG = "sendmail-shim"
 
 
@@ -35,7 +35,7 @@ PROG = "sendmail-shim"
 
 
 class AdminGroup(click.Group):
-    """Maps usage errors to 64 and the library's errors to their exit codes, as one line."""
+    """Turns every failure into one line and its exit code from the ``exitcodes`` table."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
@@ -44,31 +44,26 @@ class AdminGroup(click.Group):
         try:
             result = super().main(argv, PROG, complete_var,
                                   standalone_mode=False, **extra)
-        except click.exceptions.UsageError as exc:
-            hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
-            fail(exc.format_message() + hint, EX_USAGE, "--json" in argv)
-        except click.exceptions.Abort:
-            fail("aborted", EX_USAGE, "--json" in argv)
-        except click.exceptions.ClickException as exc:
-            fail(exc.format_message(), EX_USAGE, "--json" in argv)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one line and a code
-            fail(*_describe_failure(exc), "--json" in argv)
+            fail(describe_failure(exc), exit_code_for(exc), "--json" in argv)
         code = result if isinstance(result, int) else EX_OK
         if standalone_mode:
             sys.exit(code)
         return code
 
 
-def _describe_failure(exc: Exception) -> tuple[str, int]:
-    """Each stage's errors carry their exit code; their message is the line to show."""
-    from .config import ConfigError
-
-    if isinstance(exc, ConfigError):
-        return str(exc), EX_CONFIG
-    code = getattr(exc, "exit_code", None)
-    if isinstance(code, int):
-        return str(exc), code
-    return f"internal error ({type(exc).__name__}: {exc}); please report it", EX_SOFTWARE
+def describe_failure(exc: Exception) -> str:
+    """The line to show: the error's own, click's wording for usage, a plea for a bug."""
+    if isinstance(exc, click.exceptions.UsageError):
+        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
+        return exc.format_message() + hint
+    if isinstance(exc, click.exceptions.ClickException):
+        return exc.format_message()
+    if isinstance(exc, click.exceptions.Abort):
+        return "aborted"
+    if exit_code_for(exc) == EX_SOFTWARE:
+        return f"internal error ({type(exc).__name__}: {exc}); please report it"
+    return str(exc)
 
 
 def fail(message: str, code: int, as_json: bool) -> NoReturn:
@@ -154,7 +149,7 @@ def scope_of(account: str | None, customer: str | None) -> tuple[str, str]:
 # --------------------------------------------------------------------------- JSON shapes
 
 
-def account_doc(account: Account) -> dict[str, Any]:
+def account_doc(account: AccountEntry) -> dict[str, Any]:
     return {"address": account.address, "customer": account.customer_id,
             "authenticated": account.authenticated, "blocked": account.blocked,
             "block_reason": account.block_reason}
@@ -181,7 +176,7 @@ def usage_doc(usage: RuleUsage) -> dict[str, Any]:
             "override": override_doc(usage.override) if usage.override else None}
 
 
-def account_line(account: Account) -> str:
+def account_line(account: AccountEntry) -> str:
     state = "authenticated" if account.authenticated else "not authenticated"
     if account.blocked:
         state += f", BLOCKED ({account.block_reason or 'no reason given'})"
@@ -666,7 +661,7 @@ def config_check(state: State, as_json: bool) -> None:
             code = code or EX_CONFIG
     except LedgerError as exc:
         problems.append(str(exc))
-        code = code or exc.exit_code
+        code = code or exit_code_for(exc)
     summary = _config_summary(loaded)
     text = [f"{loaded.path}: {'ok' if not problems else 'problems found'}",
             *[f"  {key}: {value}" for key, value in summary.items()]]
@@ -697,16 +692,13 @@ def _file_problems(loaded: Config) -> list[str]:
     problems = []
     if loaded.upstream.ca_file and not os.access(loaded.upstream.ca_file, os.R_OK):
         problems.append(f"upstream.ca_file: {loaded.upstream.ca_file} cannot be read")
-    password_file = loaded.upstream.password_file
-    if password_file:
+    if loaded.upstream.password_file:
+        from .config import ConfigError, check_private_file
+
         try:
-            mode = os.stat(password_file).st_mode
-        except OSError as exc:
-            problems.append(f"upstream.password_file: {password_file}: {exc.strerror}")
-        else:
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                problems.append(f"upstream.password_file: {password_file} is readable by others; "
-                                f"chmod 600 it")
+            check_private_file(loaded.path, "upstream.password_file", loaded.upstream.password_file)
+        except ConfigError as exc:
+            problems.append(f"{exc.key}: {exc.problem}")
     return problems
 
 
@@ -754,9 +746,9 @@ def spf_check(state: State, domain: str, ips: tuple[str, ...], as_json: bool) ->
     show(as_json, report.as_dict(), report.as_text())
     results = set(report.results.values())
     if spf_stage.TEMPERROR in results:
-        raise SystemExit(69)
+        raise SystemExit(EX_UNAVAILABLE)
     if not results <= (set(cfg.accept) - {spf_stage.TEMPERROR}):
-        raise SystemExit(77)
+        raise SystemExit(EX_NOPERM)
 
 
 # ----------------------------------------------------------------- queue

@@ -111,6 +111,39 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+def check_private_file(config_path: str, key: str, path: str, info: os.stat_result | None = None) -> None:
+    """Refuse (ConfigError) a file holding a secret that another user could read or change.
+
+    The relay password and the SQLite ledger must be mode 0600 (or stricter)
+    and belong to the user who reads them or to root. Root may check on the
+    service user's behalf, so for root any owner passes. ``info`` is the
+    file's ``fstat`` when the caller has it open already.
+    """
+    if info is None:
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            raise ConfigError(config_path, key, f"cannot read {path} ({exc.strerror})") from None
+    mode = info.st_mode & 0o7777
+    if mode & 0o077:
+        raise ConfigError(config_path, key, f"{path} is open to other users (mode {mode:04o}, must be 0600); "
+                                            f"run: chmod 600 {path}")
+    reader = os.geteuid()
+    if reader != 0 and info.st_uid not in (0, reader):
+        raise ConfigError(config_path, key, f"{path} belongs to {_user_label(info.st_uid)}, not to the user "
+                                            f"reading it ({_user_label(reader)}) or root; "
+                                            f"run: chown {_user_label(reader)} {path}")
+
+
+def _user_label(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def config_path() -> str:
     return os.environ.get(ENV_VAR) or DEFAULT_PATH
 

@@ -38,7 +38,7 @@ from typing import BinaryIO, cast
 
 from . import exitcodes, maillog
 from . import gate_protocol as protocol
-from .config import Config, ConfigError, GateConfig
+from .config import Config, ConfigError, GateConfig, check_private_file
 from .invocation import UsageError, parse_argv
 from .message import MessageError, read_input
 from .pipeline import Caller, Runtime, Verdict, refuse, submit
@@ -54,13 +54,9 @@ _PASSWORD_IN_URL = re.compile(r"^[^:/]+://[^/@:]*:[^/@]+@|[?&]password=", re.IGN
 class GateError(Exception):
     """The gate cannot start. ``str(exc)`` is the one line the admin sees."""
 
-    exit_code = os.EX_CONFIG
-
 
 class SocketInUse(GateError):
     """Another gate already answers on the socket."""
-
-    exit_code = os.EX_UNAVAILABLE
 
 
 class UnsafeSocketPlace(GateError):
@@ -76,11 +72,7 @@ class ActivationError(GateError):
 
 
 class LedgerNotReady(GateError):
-    """The ledger is missing, not upgraded, or unusable."""
-
-    def __init__(self, line: str, exit_code: int) -> None:
-        super().__init__(line)
-        self.exit_code = exit_code
+    """The ledger's schema is not this version's."""
 
 
 # ------------------------------------------------------------------ entry points
@@ -119,12 +111,13 @@ def serve(config: Config, *, ready: Callable[[], None] | None = None) -> int:
 def main() -> None:
     """``python -m sendmail_shim.gate``: the gate with the usual config file."""
     from .config import load
+    from .ledger import LedgerError
 
     try:
         code = serve(load())
-    except (ConfigError, GateError) as exc:
+    except (ConfigError, GateError, LedgerError) as exc:
         sys.stderr.write(f"sendmail-shim: {exc}\n")
-        code = exc.exit_code if isinstance(exc, GateError) else os.EX_CONFIG
+        code = exitcodes.exit_code_for(exc)
     sys.exit(code)
 
 
@@ -139,20 +132,19 @@ def _warm_ledger(runtime: Runtime) -> None:
     """Open the ledger connection; a missing or outdated schema stops the start.
 
     A database that is merely down does not: each message then fails closed
-    (exit 69) until it is back, and the gate need not be restarted.
+    (exit 69) until it is back, and the gate need not be restarted. Any other
+    ledger error stops the start with its own line and exit code.
     """
-    from .ledger import LedgerError, LedgerUnavailable
+    from .ledger import LedgerUnavailable
 
     try:
         status = runtime.ledger.schema_status()
     except LedgerUnavailable as exc:
         _log(runtime.config, "warning", event="gate-ledger-unavailable", reason=str(exc))
         return
-    except LedgerError as exc:
-        raise LedgerNotReady(str(exc), exc.exit_code) from None
     if status.pending or status.unknown:
         raise LedgerNotReady(f"the ledger {runtime.ledger.where} is not at this version's schema; "
-                             f"run: sendmail-shim db upgrade", os.EX_CONFIG)
+                             f"run: sendmail-shim db upgrade")
 
 
 # ------------------------------------------------------------------ files the gate guards
@@ -162,7 +154,7 @@ def check_private_files(config: Config) -> None:
     """Refuse to start when customers could read or change what the gate protects."""
     _check_ledger_file(config)
     if config.upstream.password_file:
-        _check_private(config.upstream.password_file, "upstream.password_file")
+        check_private_file(config.path, "upstream.password_file", config.upstream.password_file)
     if _PASSWORD_IN_URL.search(config.ledger.url) and _mode(config.path) & stat.S_IROTH:
         raise ExposedSecret(
             f"{config.path} holds the ledger password in [ledger] url and every user can read it; "
@@ -177,18 +169,11 @@ def _check_ledger_file(config: Config) -> None:
     ledger = Ledger(config.ledger.url)
     if ledger.dialect != "sqlite" or not os.path.exists(ledger.where):
         return
-    _check_private(ledger.where, "ledger.url")
+    check_private_file(config.path, "ledger.url", ledger.where)
     directory = os.path.dirname(os.path.abspath(ledger.where))
     if _mode(directory) & (stat.S_IWGRP | stat.S_IWOTH):
         raise ExposedSecret(f"{directory}, the ledger's directory, is writable by other users; "
                             f"run: chmod 750 {directory}")
-
-
-def _check_private(path: str, key: str) -> None:
-    mode = _mode(path)
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ExposedSecret(f"{path} ({key}) is open to other users (mode {stat.S_IMODE(mode):04o}); "
-                            f"run: chmod 600 {path}")
 
 
 def _mode(path: str) -> int:
@@ -385,7 +370,7 @@ class Gate:
              reason="per-user limit" if over_own_limit else "gate full")
         with contextlib.suppress(OSError):
             conn.setblocking(False)  # a fresh socket's buffer takes one small frame
-            conn.send(protocol.frame(protocol.VERDICT, _wire(os.EX_UNAVAILABLE, line).encode()))
+            conn.send(protocol.frame(protocol.VERDICT, _wire(exitcodes.EX_UNAVAILABLE, line).encode()))
         conn.close()
 
     def _release(self, uid: int) -> None:
@@ -445,14 +430,15 @@ class Connection:
         except protocol.PeerClosed:
             self._log_broken("closed before the end of the request", "notice")
             return
-        except protocol.PeerTooSlow:
+        except protocol.PeerTooSlow as exc:
             self._log_broken("not complete in time", "notice")
-            self._answer_broken(os.EX_UNAVAILABLE, "not sent: the request was not complete within "
-                                f"{self.config.gate.request_timeout:g} seconds")
+            self._answer_broken(exitcodes.exit_code_for(exc), "not sent: the request was not complete "
+                                f"within {self.config.gate.request_timeout:g} seconds")
             return
         except protocol.BadFrame as exc:
             self._log_broken(f"protocol error: {exc}", "warning")
-            self._answer_broken(os.EX_PROTOCOL, f"not sent: the request broke the gate protocol ({exc})")
+            self._answer_broken(exitcodes.exit_code_for(exc),
+                                f"not sent: the request broke the gate protocol ({exc})")
             return
         except OSError as exc:
             self._log_broken(f"connection error: {exc.strerror or exc}", "notice")
@@ -547,4 +533,7 @@ def _log(config: Config, priority: str, **fields: object) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the package's own module, so that its errors keep the names the exit-code table knows.
+    from sendmail_shim.gate import main as gate_main
+
+    gate_main()

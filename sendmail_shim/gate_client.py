@@ -21,6 +21,7 @@ import _socket
 import os
 import time
 
+from . import exitcodes
 from . import gate_protocol as protocol
 
 TYPE_CHECKING = False
@@ -42,9 +43,6 @@ VALUE_OPTION_LETTERS = frozenset("frFbBNRVoOLhA")
 
 class GateClientError(Exception):
     """The gate could not be asked or did not answer; ``str(exc)`` is the stderr line."""
-
-    exit_code = os.EX_UNAVAILABLE
-    smtp_reply = (451, "4.3.0")
 
 
 class GateUnreachable(GateClientError):
@@ -216,7 +214,7 @@ def _deliver(target: GateTarget, argv: list[str], stdin: BinaryIO, stderr: TextI
     try:
         verdict = submit(target, argv, _chunks_of(stdin))
     except GateClientError as exc:
-        return _say(stderr, str(exc), exc.exit_code)
+        return _say(stderr, str(exc), exitcodes.exit_code_for(exc))
     return _say(stderr, verdict.line, verdict.code)
 
 
@@ -323,7 +321,7 @@ def _smtp_session(invocation: Invocation, target: GateTarget, stdin: BinaryIO,
         try:
             verdict = submit(target, [PROGRAM, *invocation_argv(request)], pieces)
         except GateClientError as exc:
-            code, status = exc.smtp_reply
+            code, status = exitcodes.smtp_reply_for(exc, exitcodes.exit_code_for(exc))
             return code, f"{status} {exc}"
         return verdict.smtp_code, verdict.smtp_text
 

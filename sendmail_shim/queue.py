@@ -9,7 +9,8 @@ when every recipient is delivered or has failed for good the message is done,
 and a delivery status notification (``bounce.py``) goes to the sender for the
 failed ones.
 
-Format: two tables in the ledger database (migration 0002_queue).
+Format: two tables in the ledger database (migration 0002_queue, defined in
+``sendmail_shim/ledger/schema.py``).
 
 ``queue_messages``, one row per queued message:
 
@@ -72,52 +73,9 @@ CRASH_ENV = "SENDMAIL_SHIM_CRASH_AT"  # fault injection for the crash-safety tes
 class QueueError(Exception):
     """A queue operation that cannot be done."""
 
-    exit_code = 67
-
 
 class UnknownQueueEntry(QueueError):
     """No queued message has that id (exit 67)."""
-
-
-def queue_schema(sa: Any) -> Any:
-    """The tables described above, as SQLAlchemy Core (created by ``sendmail-shim db upgrade``)."""
-    md = sa.MetaData()
-    sa.Table(
-        "queue_messages", md,
-        sa.Column("id", sa.String(32), primary_key=True),
-        sa.Column("kind", sa.String(16), nullable=False),
-        sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("send_id", sa.BigInteger),
-        sa.Column("account", sa.String(320)),
-        sa.Column("customer_id", sa.String(64)),
-        sa.Column("sender", sa.String(320), nullable=False),
-        sa.Column("message_id", sa.Text),
-        sa.Column("data", sa.LargeBinary, nullable=False),
-        sa.Column("dsn_notify", sa.String(64)),
-        sa.Column("dsn_ret", sa.String(8)),
-        sa.Column("dsn_envid", sa.String(128)),
-        sa.Column("created_at", sa.Double, nullable=False),
-        sa.Column("attempts", sa.Integer, nullable=False),
-        sa.Column("next_attempt_at", sa.Double, nullable=False),
-        sa.Column("last_attempt_at", sa.Double),
-        sa.Column("claimed_by", sa.String(128)),
-        sa.Column("claimed_until", sa.Double),
-        sa.Column("last_error", sa.Text),
-        sa.Column("finished_at", sa.Double),
-        sa.Index("queue_due", "state", "next_attempt_at"),
-    )
-    sa.Table(
-        "queue_recipients", md,
-        sa.Column("queue_id", sa.String(32), sa.ForeignKey("queue_messages.id", ondelete="CASCADE"),
-                  primary_key=True),
-        sa.Column("address", sa.String(320), primary_key=True),
-        sa.Column("position", sa.Integer, nullable=False),
-        sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("code", sa.Integer),
-        sa.Column("reply", sa.Text),
-        sa.Column("updated_at", sa.Double, nullable=False),
-    )
-    return md
 
 
 def crash_point(name: str) -> None:
@@ -378,8 +336,8 @@ class Runner:
                        "WHERE queue_id = :id AND address = :address AND state = 'pending'",
                        {"state": state, "code": code, "reply": reply[:1000], "now": now, "id": claimed.id,
                         "address": address})
-            states = dict(tx.rows("SELECT address, state FROM queue_recipients WHERE queue_id = :id",
-                                  {"id": claimed.id}))
+            states = {str(r[0]): str(r[1]) for r in
+                      tx.rows("SELECT address, state FROM queue_recipients WHERE queue_id = :id", {"id": claimed.id})}
             report.delivered += sum(1 for s, *_ in outcomes.values() if s == "delivered")
             pending = [a for a, s in states.items() if s == "pending"]
             if pending:

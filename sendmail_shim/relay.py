@@ -16,12 +16,11 @@ import os
 import smtplib
 import socket
 import ssl
-import stat
 import threading
 import time
 from dataclasses import dataclass
 
-from .config import ConfigError, UpstreamConfig
+from .config import ConfigError, UpstreamConfig, check_private_file
 from .encoding import for_upstream
 from .envelope import Envelope
 from .message import Message
@@ -124,9 +123,7 @@ class Upstream:
         key = "upstream.password_file"
         try:
             with open(path, encoding="utf-8") as handle:
-                info = os.fstat(handle.fileno())
-                if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                    raise ConfigError(self.config_path, key, f"{path} must be mode 0600 (run: chmod 600 {path})")
+                check_private_file(self.config_path, key, path, os.fstat(handle.fileno()))
                 secret = handle.read().strip("\r\n")
         except OSError as exc:
             raise ConfigError(self.config_path, key, f"cannot read {path} ({exc.strerror})") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import __version__
+from . import __version__, exitcodes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -44,8 +44,9 @@ def run(program: str, args: list[str], stdin: BinaryIO, stdout: BinaryIO, stderr
     try:
         invocation = parse_argv(args, program)
     except UsageError as exc:
-        _usage_logged(args, str(exc))
-        return _say(stderr, str(exc), os.EX_USAGE)
+        code = exitcodes.exit_code_for(exc)
+        _usage_logged(args, str(exc), code)
+        return _say(stderr, exitcodes.stderr_line(exc, code), code)
     if invocation.mode == "help":
         stdout.write(help_text().encode())
         return os.EX_OK
@@ -55,7 +56,8 @@ def run(program: str, args: list[str], stdin: BinaryIO, stdout: BinaryIO, stderr
     try:
         config = load()
     except ConfigError as exc:
-        return _say(stderr, f"not sent: configuration error: {exc}; the administrator must fix it", os.EX_CONFIG)
+        code = exitcodes.exit_code_for(exc)
+        return _say(stderr, exitcodes.stderr_line(exc, code), code)
     if config.gate.socket:
         # The shared-hosting path: hand the message to the gate; hold no secrets, open no ledger.
         from .gate_client import run_via_gate
@@ -101,11 +103,11 @@ def _say(stderr: TextIO, line: str | None, code: int) -> int:
     return code
 
 
-def _usage_logged(args: list[str], reason: str) -> None:
+def _usage_logged(args: list[str], reason: str, code: int) -> None:
     """A refused option is worth a log line: it is how -X/-C/-be probes show up."""
     from . import maillog
     from .config import LogConfig
 
     shown = " ".join(args)[:300]
-    maillog.write(LogConfig(), {"verdict": "refused", "code": os.EX_USAGE, "uid": os.getuid(),
+    maillog.write(LogConfig(), {"verdict": "refused", "code": code, "uid": os.getuid(),
                                 "reason": reason, "argv": shown}, "notice")

@@ -261,7 +261,8 @@ def test_config_check_finds_a_readable_password_file(invoke: Invoke, tmp_path: P
     invoke("db", "upgrade", config=config)
     result = invoke("config", "check", config=config)
     assert result.exit_code == 78
-    assert f"upstream.password_file: {secret} is readable by others; chmod 600 it" in result.stderr
+    assert (f"upstream.password_file: {secret} is open to other users (mode 0644, must be 0600); "
+            f"run: chmod 600 {secret}") in result.stderr
     assert "hunter2" not in result.output
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sendmail_shim.config import LimitsConfig
-from sendmail_shim.ledger import Account, Ledger, SendRecord
+from sendmail_shim.ledger import AccountEntry, Ledger, SendRecord
 from sendmail_shim.limits import Rule, parse_rule
 
 # 2026-05-09 12:00:00 UTC: the "now" most deterministic tests start from.
@@ -35,7 +35,7 @@ def open_ledger(url: str, limits_config: LimitsConfig | None = None) -> Ledger:
 
 
 def add_account(ledger: Ledger, address: str = "post@kunde.example", customer: str = "kunde1",
-                *, users: Iterable[str] = (), authenticated: bool = True) -> Account:
+                *, users: Iterable[str] = (), authenticated: bool = True) -> AccountEntry:
     ledger.add_customer(customer, tuple(users))
     return ledger.add_account(address, customer, authenticated=authenticated)
 

@@ -17,6 +17,7 @@ from sendmail_shim.accounts import (
     UnknownAccount,
     authorise,
 )
+from sendmail_shim.exitcodes import exit_code_for
 from sendmail_shim.ledger import Conflict, InvalidInput, Ledger, UnknownSubject
 from tests.ledger.common import add_account
 
@@ -46,7 +47,7 @@ def test_from_domain_may_be_any_domain_of_the_same_customer(two_customers: Ledge
 def test_unknown_sender_is_67_and_says_what_to_do(two_customers: Ledger) -> None:
     with pytest.raises(UnknownAccount) as caught:
         authorise(two_customers, "nobody@kunde.example", "kunde.example", SITE)
-    assert caught.value.exit_code == 67
+    assert exit_code_for(caught.value) == 67
     assert str(caught.value).startswith("nobody@kunde.example is not a registered sending account;")
     assert "register" in str(caught.value)
 
@@ -55,7 +56,7 @@ def test_unauthenticated_account_is_77(two_customers: Ledger) -> None:
     two_customers.add_account("new@kunde.example", "kunde1")
     with pytest.raises(AccountNotAuthenticated) as caught:
         authorise(two_customers, "new@kunde.example", None, SITE)
-    assert caught.value.exit_code == 77
+    assert exit_code_for(caught.value) == 77
     assert "authenticate it in the control panel" in str(caught.value)
     two_customers.authenticate("new@kunde.example")
     assert authorise(two_customers, "new@kunde.example", None, SITE).authenticated
@@ -65,7 +66,7 @@ def test_blocked_account_is_77_with_the_reason_until_unblocked(two_customers: Le
     two_customers.block("post@kunde.example", "spam run from a contact form")
     with pytest.raises(AccountBlocked) as caught:
         authorise(two_customers, "post@kunde.example", "kunde.example", SITE)
-    assert caught.value.exit_code == 77
+    assert exit_code_for(caught.value) == 77
     assert str(caught.value) == (
         "post@kunde.example is blocked from sending (spam run from a contact form); "
         "contact your hosting provider to have the block lifted")
@@ -76,7 +77,7 @@ def test_blocked_account_is_77_with_the_reason_until_unblocked(two_customers: Le
 def test_another_customers_account_is_77(two_customers: Ledger) -> None:
     with pytest.raises(NotCallersAccount) as caught:
         authorise(two_customers, "info@annen.example", "annen.example", SITE)
-    assert caught.value.exit_code == 77
+    assert exit_code_for(caught.value) == 77
     assert "info@annen.example is not an account of the customer that the Unix user web1" in \
         str(caught.value)
 
@@ -91,7 +92,7 @@ def test_another_customers_blocked_account_reveals_nothing_about_it(two_customer
 def test_from_domain_of_another_customer_is_77(two_customers: Ledger) -> None:
     with pytest.raises(ForeignFromDomain) as caught:
         authorise(two_customers, "post@kunde.example", "annen.example", SITE)
-    assert caught.value.exit_code == 77
+    assert exit_code_for(caught.value) == 77
     assert str(caught.value) == (
         "the From address's domain annen.example is not one of the sender's domains "
         "(kunde-butikk.example, kunde.example); use an address of your own domain in From")
@@ -107,7 +108,7 @@ def test_unbound_caller_is_allowed_in_process_but_not_by_the_gate(two_customers:
     assert authorise(two_customers, "info@annen.example", None, stranger).customer_id == "kunde2"
     with pytest.raises(UnboundCaller) as caught:
         authorise(two_customers, "info@annen.example", None, stranger, require_binding=True)
-    assert caught.value.exit_code == 77
+    assert exit_code_for(caught.value) == 77
     assert "www-data is not linked to any customer" in str(caught.value)
 
 
@@ -136,7 +137,7 @@ def test_current_caller_is_this_process() -> None:
 def test_a_domain_belongs_to_one_customer_only(two_customers: Ledger) -> None:
     with pytest.raises(Conflict) as caught:
         two_customers.add_account("sales@annen.example", "kunde1")
-    assert caught.value.exit_code == 65
+    assert exit_code_for(caught.value) == 65
     assert "the domain annen.example belongs to customer kunde2" in str(caught.value)
     assert two_customers.customer_domains("kunde1") == {"kunde.example", "kunde-butikk.example"}
 
@@ -167,7 +168,7 @@ def test_invalid_addresses_are_65(ledger: Ledger, address: str) -> None:
     ledger.add_customer("kunde1")
     with pytest.raises(InvalidInput) as caught:
         ledger.add_account(address, "kunde1")
-    assert caught.value.exit_code == 65
+    assert exit_code_for(caught.value) == 65
 
 
 def test_internationalised_domains_are_stored_as_a_labels(ledger: Ledger) -> None:
@@ -179,7 +180,7 @@ def test_internationalised_domains_are_stored_as_a_labels(ledger: Ledger) -> Non
 def test_unknown_customer_or_account_in_admin_operations_is_67(ledger: Ledger) -> None:
     with pytest.raises(UnknownSubject) as caught:
         ledger.add_account("post@kunde.example", "nope")
-    assert caught.value.exit_code == 67
+    assert exit_code_for(caught.value) == 67
     with pytest.raises(UnknownSubject, match="not a registered account"):
         ledger.block("ghost@kunde.example", "x")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sendmail_shim.exitcodes import exit_code_for
 from sendmail_shim.ledger import (
     Ledger,
     LedgerError,
@@ -21,6 +22,7 @@ from tests.support.postgres import PostgresCluster
 
 PROBE = """
 import json, sys
+from sendmail_shim.exitcodes import exit_code_for
 from sendmail_shim.ledger import Ledger, LedgerError
 ledger = Ledger(sys.argv[1] if len(sys.argv) > 1 else {url!r}, busy_timeout=1)
 def attempt(step):
@@ -28,7 +30,7 @@ def attempt(step):
         step()
         return "ok"
     except LedgerError as exc:
-        return f"{{type(exc).__name__}} {{exc.exit_code}}: {{exc}}"
+        return f"{{type(exc).__name__}} {{exit_code_for(exc)}}: {{exc}}"
 print(json.dumps({{
     "read": attempt(lambda: ledger.find_account("post@kunde.example")),
     "reserve": attempt(lambda: ledger.reserve(ledger.find_account("post@kunde.example"), 1,
@@ -62,7 +64,7 @@ def test_busy_sqlite_ledger_fails_closed_after_the_timeout(sqlite_url: str) -> N
     assert 0.25 <= time.monotonic() - started < 5
     assert str(caught.value) == f"the ledger {ledger.where} stayed busy for 0.3 s; try again later"
     assert "locked" not in str(caught.value)
-    assert caught.value.exit_code == 69
+    assert exit_code_for(caught.value) == 69
     assert slow.list_sends("account", account.address) == []
     slow.reserve(account, 1, message_id="<m@x>", now=NOON)  # free again
 
@@ -140,7 +142,7 @@ def test_postgresql_down_fails_closed_and_recovers_when_it_is_back() -> None:
         assert line.startswith("cannot use the ledger database postgresql+psycopg://postgres:***@/ledger")
         assert line.endswith("; try again later")
         assert "s3cret" not in line and "\n" not in line
-        assert caught.value.exit_code == 69
+        assert exit_code_for(caught.value) == 69
         cluster.start()
         ledger.reserve(account, 1, message_id="<m@x>")
         assert len(ledger.list_sends("account", account.address)) == 1
@@ -201,7 +203,7 @@ def test_a_file_that_is_not_a_database_is_named(tmp_path: Path) -> None:
 def test_unsupported_ledger_urls_are_configuration_errors(url: str, says: str) -> None:
     with pytest.raises(UnsupportedLedger, match=says) as caught:
         Ledger(url).find_account("post@kunde.example")
-    assert caught.value.exit_code == 78
+    assert exit_code_for(caught.value) == 78
 
 
 def test_no_ledger_error_line_is_ever_more_than_one_line(sqlite_url: str) -> None:

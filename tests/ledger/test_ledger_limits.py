@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from sendmail_shim.exitcodes import exit_code_for
 from sendmail_shim.ledger import (
     InvalidInput,
     Ledger,
@@ -36,7 +37,7 @@ def test_the_26th_message_in_five_minutes_gets_the_exact_line(ledger: Ledger) ->
         "post@kunde.example reached 25 messages per 5 minutes (25 used); "
         "next message possible at 12:06:08 UTC (in 2 min 31 s)")
     refusal = caught.value
-    assert refusal.exit_code == 69
+    assert exit_code_for(refusal) == 69
     assert (refusal.scope, refusal.subject, str(refusal.rule), refusal.used) == \
         ("account", "post@kunde.example", "25 messages / 5m", 25)
     assert refusal.next_free_at == NOON + 368
@@ -73,7 +74,7 @@ def test_a_message_that_can_never_fit_is_77_and_counts_nothing(ledger: Ledger) -
     account = add_account(ledger)
     with pytest.raises(LimitNeverFits) as caught:
         ledger.reserve(account, 251, message_id="<list>", now=NOON)
-    assert caught.value.exit_code == 77
+    assert exit_code_for(caught.value) == 77
     assert str(caught.value) == (
         "this message has 251 recipients but post@kunde.example may send at most "
         "250 recipients per 5 minutes, so it can never be sent; send to fewer recipients "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sendmail_shim.ledger import Account, Ledger, LimitNeverFits, LimitReached
+from sendmail_shim.ledger import AccountEntry, Ledger, LimitNeverFits, LimitReached
 from sendmail_shim.limits import Rule
 from tests.ledger.common import NOON, add_account, limits, open_ledger
 
@@ -74,7 +74,7 @@ class Model:
 
 def replay(ledger: Ledger, scenario: Scenario) -> None:
     customer = f"prop{next(_customers)}"
-    accounts: list[Account] = [
+    accounts: list[AccountEntry] = [
         add_account(ledger, f"site{i}@{customer}.example", customer) for i in range(2)
     ]
     model = Model()
@@ -92,7 +92,7 @@ def replay(ledger: Ledger, scenario: Scenario) -> None:
         assert counted == [send_id for send_id, _, who, _ in model.sends if who == i]
 
 
-def check_one_send(ledger: Ledger, model: Model, account: Account, who: int, size: int,
+def check_one_send(ledger: Ledger, model: Model, account: AccountEntry, who: int, size: int,
                    outcome: str, now_us: int) -> None:
     if size > LARGEST_FIT:
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sendmail_shim.exitcodes import exit_code_for
 from sendmail_shim.ledger import MIGRATIONS, Ledger, LedgerNotInitialised
 from tests.ledger.common import add_account, open_ledger, run_python
 
@@ -47,7 +48,7 @@ def test_missing_sqlite_ledger_says_run_upgrade_and_creates_nothing(tmp_path: Pa
     with pytest.raises(LedgerNotInitialised) as caught:
         Ledger(f"sqlite:///{path}").find_account("post@kunde.example")
     assert str(caught.value) == f"the ledger {path} does not exist; run: sendmail-shim db upgrade"
-    assert caught.value.exit_code == 78
+    assert exit_code_for(caught.value) == 78
     assert not path.exists()
 
 
@@ -58,7 +59,7 @@ def test_empty_postgres_database_says_run_upgrade(pg_url: str) -> None:
 
 def test_schema_from_a_newer_program_is_refused(ledger_url: str) -> None:
     ledger = open_ledger(ledger_url)
-    with ledger._db().transaction(write=True) as tx:
+    with ledger.transaction(write=True) as tx:
         tx.run("INSERT INTO schema_migrations (name, applied_at) VALUES ('9999_future', 0)")
     fresh = Ledger(ledger_url)
     with pytest.raises(LedgerNotInitialised, match="newer sendmail-shim .*9999_future"):
@@ -68,7 +69,7 @@ def test_schema_from_a_newer_program_is_refused(ledger_url: str) -> None:
 def test_older_schema_asks_for_upgrade(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     open_ledger(ledger_url)
     # This program now knows a migration the ledger has not had yet.
-    monkeypatch.setattr("sendmail_shim.ledger.MIGRATIONS", (*MIGRATIONS, "0099_next"))
+    monkeypatch.setattr("sendmail_shim.ledger.schema.MIGRATIONS", (*MIGRATIONS, "0099_next"))
     with pytest.raises(LedgerNotInitialised,
                        match=r"older than this program \(missing 0099_next\); run: sendmail-shim db"):
         Ledger(ledger_url).find_account("post@kunde.example")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from sendmail_shim.config import ConfigError, from_mapping, load
+from sendmail_shim.config import ConfigError, check_private_file, from_mapping, load
 from sendmail_shim.limits import Rule
 
+REPO = Path(__file__).resolve().parents[2]
 BASE = {"upstream": {"host": "smtp.example.net"}, "spf": {"relay_ips": ["192.0.2.25"]}}
 
 
@@ -70,3 +76,73 @@ def test_sendmail_exits_78_with_the_file_and_key(tmp_path: Path):
                           env=dict(os.environ, SENDMAIL_SHIM_CONFIG=str(path)))
     assert proc.returncode == 78
     assert f"{path}: upstream.timeout: must be a number" in proc.stderr.decode()
+
+
+# --------------------------------------------------------------------------- secret files
+
+CHECK_AS_OTHER = """
+import sys
+from sendmail_shim.config import ConfigError, check_private_file
+try:
+    check_private_file("/etc/sendmail-shim/config.toml", "upstream.password_file", sys.argv[1])
+except ConfigError as exc:
+    print(exc)
+else:
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_a_secret_file_of_the_owner_alone_passes(tmp_path: Path, mode: int):
+    secret = tmp_path / "relay.pass"
+    secret.write_text("pw\n")
+    secret.chmod(mode)
+    check_private_file("/etc/sendmail-shim/config.toml", "upstream.password_file", str(secret))
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o610])
+def test_a_secret_file_others_can_reach_is_refused_with_the_fix(tmp_path: Path, mode: int):
+    secret = tmp_path / "relay.pass"
+    secret.write_text("pw\n")
+    secret.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        check_private_file("/etc/sendmail-shim/config.toml", "upstream.password_file", str(secret))
+    assert info.value.key == "upstream.password_file"
+    assert str(info.value) == (f"/etc/sendmail-shim/config.toml: upstream.password_file: {secret} is open to "
+                               f"other users (mode {mode:04o}, must be 0600); run: chmod 600 {secret}")
+
+
+def test_a_missing_secret_file_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"ledger.url: cannot read .*/none \(No such file or directory\)"):
+        check_private_file("/c.toml", "ledger.url", str(tmp_path / "none"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_a_0600_secret_file_of_another_user_is_refused():
+    """Mode 0600 protects nothing when the file belongs to someone else: that user can read it."""
+    place = Path(tempfile.mkdtemp(prefix="secret-owner-"))
+    try:
+        place.chmod(0o755)
+        secret = place / "relay.pass"
+        secret.write_text("pw\n")
+        secret.chmod(0o600)
+        os.chown(secret, 1, 1)  # daemon: neither root nor the reader below
+        owner, reader = pwd.getpwuid(1).pw_name, pwd.getpwuid(65534).pw_name
+        assert run_as(65534, secret) == (
+            f"/etc/sendmail-shim/config.toml: upstream.password_file: {secret} belongs to {owner}, "
+            f"not to the user reading it ({reader}) or root; run: chown {reader} {secret}")
+        assert run_as(1, secret) == "ok"  # its owner may use it
+    finally:
+        shutil.rmtree(place)
+
+
+def run_as(uid: int, path: Path) -> str:
+    """The check run by another user, with a system interpreter that user may execute."""
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    if python is None:
+        pytest.skip("a system python3 is needed to run as another user")
+    done = subprocess.run([python, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r})\n" + CHECK_AS_OTHER,
+                           str(path)], capture_output=True, text=True, timeout=60, user=uid,
+                          group=pwd.getpwuid(uid).pw_gid, extra_groups=[], cwd="/")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()

@@ -1,0 +1,46 @@
+"""The ledger: the store behind every decision.
+
+One module per concern, each over one ``Store`` (``store.py``):
+
+- ``connections``: transactions on SQLite (standard library) and on SQLAlchemy (PostgreSQL);
+- ``schema``: every table, the queue's included, and the migrations;
+- ``directory``: customers, accounts, domains and Unix-user bindings;
+- ``rates`` and ``windows``: reservations, settlement, usage, overrides and resets;
+- ``journal``: the decision log and the audit log;
+- ``spf_cache``: SPF verdicts shared by every process on this ledger;
+- ``facade``: ``Ledger``, the one object the rest of the program holds.
+
+Nothing here imports a stage above the store, and nothing heavy is imported
+before it is used: ``sendmail`` imports this package on every call.
+"""
+
+from .connections import Tx
+from .directory import AccountEntry, Customer
+from .errors import (
+    Conflict,
+    InvalidInput,
+    LedgerError,
+    LedgerNotInitialised,
+    LedgerUnavailable,
+    LimitNeverFits,
+    LimitReached,
+    UnknownSubject,
+    UnsupportedLedger,
+)
+from .facade import Ledger
+from .inputs import SCOPES, canonical_address, canonical_domain, parse_expiry
+from .journal import DECISION_ALIASES, DECISION_FIELDS, AuditEntry, Decision
+from .rates import OUTCOMES, Override, Reservation, ResetMarker, RuleUsage, SendRecord
+from .schema import MIGRATIONS, SchemaStatus
+from .spf_cache import SqlSpfCache
+from .times import format_delay, format_instant, format_utc
+from .windows import COUNTED_STATES
+
+__all__ = [
+    "COUNTED_STATES", "DECISION_ALIASES", "DECISION_FIELDS", "MIGRATIONS", "OUTCOMES", "SCOPES",
+    "AccountEntry", "AuditEntry", "Conflict", "Customer", "Decision", "InvalidInput", "Ledger",
+    "LedgerError", "LedgerNotInitialised", "LedgerUnavailable", "LimitNeverFits", "LimitReached",
+    "Override", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
+    "SqlSpfCache", "Tx", "UnknownSubject", "UnsupportedLedger", "canonical_address",
+    "canonical_domain", "format_delay", "format_instant", "format_utc", "parse_expiry",
+]

@@ -1,0 +1,243 @@
+"""The directory: customers, their sending accounts and domains, and the Unix users bound to them.
+
+A domain belongs to one customer (it comes with the customer's first account
+in it); a Unix user is bound to at most one customer. Every change is audited.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from .connections import Tx
+from .errors import Conflict, InvalidInput, UnknownSubject, no_account, no_customer
+from .inputs import canonical_address, check_identifier, check_reason
+from .journal import audit
+from .store import Store
+
+_ACCOUNT_COLUMNS = "address, customer_id, authenticated, blocked, block_reason"
+_CUSTOMER_OF_USER = "SELECT customer_id FROM unix_users WHERE unix_user = :u"
+
+
+class AccountEntry(NamedTuple):
+    """A sending account as the directory holds it."""
+
+    address: str
+    customer_id: str
+    authenticated: bool
+    blocked: bool
+    block_reason: str | None
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+
+class Customer(NamedTuple):
+    id: str
+    unix_users: tuple[str, ...]
+    domains: tuple[str, ...]
+    accounts: int
+
+
+def _entry(row: Sequence[Any]) -> AccountEntry:
+    return AccountEntry(row[0], row[1], bool(row[2]), bool(row[3]), row[4])
+
+
+def account_entry(tx: Tx, address: str) -> AccountEntry | None:
+    """The account at a canonical address, if registered."""
+    rows = tx.rows(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE address = :a", {"a": address})
+    return _entry(rows[0]) if rows else None
+
+
+def require_account(tx: Tx, address: str) -> AccountEntry:
+    account = account_entry(tx, canonical_address(address))
+    if account is None:
+        raise no_account(address)
+    return account
+
+
+def require_customer(tx: Tx, customer_id: str) -> None:
+    if not tx.rows("SELECT 1 FROM customers WHERE id = :c", {"c": customer_id}):
+        raise no_customer(customer_id)
+
+
+class Directory:
+    """Lookups for the sending path and changes for the admin CLI."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # ----------------------------------------------------------- lookups (the sending path)
+
+    def find_account(self, address: str) -> AccountEntry | None:
+        try:
+            address = canonical_address(address)
+        except InvalidInput:
+            return None
+        with self.store.read() as tx:
+            return account_entry(tx, address)
+
+    def customer_of_user(self, unix_user: str) -> str | None:
+        with self.store.read() as tx:
+            rows = tx.rows(_CUSTOMER_OF_USER, {"u": unix_user})
+        return str(rows[0][0]) if rows else None
+
+    def customer_domains(self, customer_id: str) -> set[str]:
+        with self.store.read() as tx:
+            rows = tx.rows("SELECT domain FROM domains WHERE customer_id = :c", {"c": customer_id})
+        return {str(row[0]) for row in rows}
+
+    # ----------------------------------------------------------- customers and Unix users
+
+    def add_customer(self, customer_id: str, unix_users: Sequence[str] = (), *,
+                     actor: str | None = None) -> Customer:
+        """Create a customer (or keep the existing one) and bind the given Unix users to it."""
+        check_identifier(customer_id, "customer id")
+        for user in unix_users:
+            check_identifier(user, "Unix user name")
+        with self.store.write() as tx:
+            if not tx.rows("SELECT 1 FROM customers WHERE id = :c", {"c": customer_id}):
+                tx.run("INSERT INTO customers (id, created_at) VALUES (:c, :t)",
+                       {"c": customer_id, "t": time.time()})
+                audit(tx, "customer add", customer_id, None, actor)
+            for user in unix_users:
+                self._bind(tx, customer_id, user, actor)
+        return self.get_customer(customer_id)
+
+    def bind_user(self, customer_id: str, unix_user: str, *, actor: str | None = None) -> Customer:
+        """Sites running as ``unix_user`` send for ``customer_id`` and only for it."""
+        check_identifier(unix_user, "Unix user name")
+        with self.store.write() as tx:
+            require_customer(tx, customer_id)
+            self._bind(tx, customer_id, unix_user, actor)
+        return self.get_customer(customer_id)
+
+    @staticmethod
+    def _bind(tx: Tx, customer_id: str, user: str, actor: str | None) -> None:
+        rows = tx.rows(_CUSTOMER_OF_USER, {"u": user})
+        if rows and rows[0][0] != customer_id:
+            raise Conflict(
+                f"the Unix user {user} is bound to customer {rows[0][0]}; "
+                f"unbind it first (sendmail-shim customer unbind {user})"
+            )
+        if not rows:
+            tx.run("INSERT INTO unix_users (unix_user, customer_id) VALUES (:u, :c)",
+                   {"u": user, "c": customer_id})
+            audit(tx, "customer bind", customer_id, f"unix user {user}", actor)
+
+    def unbind_user(self, unix_user: str, *, actor: str | None = None) -> str:
+        """Remove a binding; return the customer it was bound to."""
+        with self.store.write() as tx:
+            rows = tx.rows(_CUSTOMER_OF_USER, {"u": unix_user})
+            if not rows:
+                raise UnknownSubject(f"the Unix user {unix_user} is not bound to any customer")
+            tx.run("DELETE FROM unix_users WHERE unix_user = :u", {"u": unix_user})
+            audit(tx, "customer unbind", str(rows[0][0]), f"unix user {unix_user}", actor)
+        return str(rows[0][0])
+
+    def get_customer(self, customer_id: str) -> Customer:
+        customers = self.list_customers(customer_id)
+        if not customers:
+            raise no_customer(customer_id)
+        return customers[0]
+
+    def list_customers(self, only: str | None = None) -> list[Customer]:
+        where, params = ("WHERE id = :c", {"c": only}) if only is not None else ("", {})
+        with self.store.read() as tx:
+            found = tx.rows(f"SELECT id FROM customers {where} ORDER BY id", params)
+            ids = [str(row[0]) for row in found]
+            users = tx.rows("SELECT customer_id, unix_user FROM unix_users ORDER BY unix_user")
+            domains = tx.rows("SELECT customer_id, domain FROM domains ORDER BY domain")
+            counted = tx.rows("SELECT customer_id, count(*) FROM accounts GROUP BY customer_id")
+        counts = {str(row[0]): int(row[1]) for row in counted}
+        return [
+            Customer(
+                id=cid,
+                unix_users=tuple(str(u) for c, u in users if c == cid),
+                domains=tuple(str(d) for c, d in domains if c == cid),
+                accounts=int(counts.get(cid, 0)),
+            )
+            for cid in ids
+        ]
+
+    # ----------------------------------------------------------- accounts
+
+    def add_account(self, address: str, customer_id: str, *, authenticated: bool = False,
+                    actor: str | None = None) -> AccountEntry:
+        """Register a sending account; its domain becomes (or must already be) the customer's."""
+        address = canonical_address(address)
+        domain = address.rpartition("@")[2]
+        with self.store.write() as tx:
+            require_customer(tx, customer_id)
+            existing = account_entry(tx, address)
+            if existing is not None:
+                if existing.customer_id != customer_id:
+                    raise Conflict(f"{address} is already an account of customer {existing.customer_id}")
+                return existing
+            self._claim_domain(tx, domain, customer_id)
+            now = time.time()
+            tx.run(
+                "INSERT INTO accounts (address, domain, customer_id, authenticated, blocked, "
+                "created_at, updated_at) VALUES (:a, :d, :c, :auth, 0, :t, :t)",
+                {"a": address, "d": domain, "c": customer_id, "auth": int(authenticated), "t": now},
+            )
+            audit(tx, "account add", address, f"customer {customer_id}", actor)
+            return require_account(tx, address)
+
+    @staticmethod
+    def _claim_domain(tx: Tx, domain: str, customer_id: str) -> None:
+        owner = tx.rows("SELECT customer_id FROM domains WHERE domain = :d", {"d": domain})
+        if owner and owner[0][0] != customer_id:
+            raise Conflict(
+                f"the domain {domain} belongs to customer {owner[0][0]}; "
+                f"a domain may belong to only one customer"
+            )
+        if not owner:
+            tx.run("INSERT INTO domains (domain, customer_id) VALUES (:d, :c)",
+                   {"d": domain, "c": customer_id})
+
+    def remove_account(self, address: str, *, actor: str | None = None) -> AccountEntry:
+        """Remove an account (its send history stays and counts again if it is re-added)."""
+        with self.store.write() as tx:
+            account = require_account(tx, address)
+            tx.run("DELETE FROM accounts WHERE address = :a", {"a": account.address})
+            others = tx.rows("SELECT 1 FROM accounts WHERE domain = :d", {"d": account.domain})
+            if not others:
+                tx.run("DELETE FROM domains WHERE domain = :d", {"d": account.domain})
+            audit(tx, "account remove", account.address, f"customer {account.customer_id}", actor)
+        return account
+
+    def authenticate(self, address: str, authenticated: bool = True, *,
+                     actor: str | None = None) -> AccountEntry:
+        return self._set_flags(address, "authenticate" if authenticated else "revoke",
+                               {"authenticated": int(authenticated)}, None, actor)
+
+    def block(self, address: str, reason: str | None = None, *, actor: str | None = None) -> AccountEntry:
+        reason = check_reason(reason, required=False)
+        return self._set_flags(address, "block", {"blocked": 1, "block_reason": reason}, reason, actor)
+
+    def unblock(self, address: str, reason: str | None = None, *,
+                actor: str | None = None) -> AccountEntry:
+        reason = check_reason(reason, required=False)
+        return self._set_flags(address, "unblock", {"blocked": 0, "block_reason": None}, reason, actor)
+
+    def _set_flags(self, address: str, action: str, values: dict[str, Any],
+                   detail: str | None, actor: str | None) -> AccountEntry:
+        assignments = ", ".join(f"{column} = :{column}" for column in values)
+        with self.store.write() as tx:
+            account = require_account(tx, address)
+            tx.run(f"UPDATE accounts SET {assignments}, updated_at = :t WHERE address = :a",
+                   {**values, "t": time.time(), "a": account.address})
+            audit(tx, f"account {action}", account.address, detail, actor)
+            return require_account(tx, account.address)
+
+    def list_accounts(self, customer_id: str | None = None) -> list[AccountEntry]:
+        where, params = ("WHERE customer_id = :c", {"c": customer_id}) if customer_id else ("", {})
+        with self.store.read() as tx:
+            if customer_id:
+                require_customer(tx, customer_id)
+            rows = tx.rows(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts {where} "
+                           "ORDER BY customer_id, address", params)
+        return [_entry(r) for r in rows]

@@ -1,0 +1,192 @@
+"""``Ledger``: the one object the pipeline, the queue, the gate and the admin CLI hold.
+
+It opens nothing until first use and keeps its connections warm; one Ledger
+per process (or thread pool). Each method hands the call to the concern that
+owns it: ``directory``, ``rates``, ``journal`` (and the SPF cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
+from ..limits import Rule
+from .connections import Tx
+from .directory import AccountEntry, Customer, Directory
+from .journal import AuditEntry, Decision, Journal, insert_decision
+from .rates import Override, Rates, Reservation, ResetMarker, RuleUsage, Sender, SendRecord
+from .schema import SchemaStatus
+from .spf_cache import SqlSpfCache
+from .store import Store
+from .times import US
+
+if TYPE_CHECKING:
+    from ..config import Config, LimitsConfig
+
+
+class Ledger:
+    """The ledger at an SQLAlchemy URL."""
+
+    def __init__(self, url: str, *, busy_timeout: float = 10.0,
+                 limits: LimitsConfig | None = None, via_sqlalchemy: bool = False) -> None:
+        self.url = url
+        self.busy_timeout = busy_timeout
+        self.store = Store(url, busy_timeout=busy_timeout, via_sqlalchemy=via_sqlalchemy)
+        self.directory = Directory(self.store)
+        self.rates = Rates(self.store, limits)
+        self.journal = Journal(self.store)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Ledger:
+        return cls(config.ledger.url, busy_timeout=config.ledger.busy_timeout, limits=config.limits)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def limits(self) -> LimitsConfig:
+        return self.rates.limits
+
+    @property
+    def dialect(self) -> str:
+        return self.store.dialect
+
+    @property
+    def where(self) -> str:
+        """The ledger's location for messages, without any password."""
+        return self.store.where
+
+    # ----------------------------------------------------------- for other stages (the queue)
+
+    def transaction(self, *, write: bool) -> AbstractContextManager[Tx]:
+        """A transaction for another stage's tables: ``with ledger.transaction(write=True) as tx``.
+
+        Writes are serialised as the reservations are (BEGIN IMMEDIATE on SQLite).
+        """
+        return self.store.write() if write else self.store.read()
+
+    def now(self, tx: Tx) -> float:
+        """The ledger's clock (the database's on PostgreSQL, so that servers agree)."""
+        return self.store.now_us(tx) / US
+
+    # ----------------------------------------------------------- schema
+
+    def upgrade(self) -> list[str]:
+        """Create or upgrade the schema; return the names of the migrations applied now."""
+        return self.store.upgrade()
+
+    def schema_status(self) -> SchemaStatus:
+        return self.store.schema_status()
+
+    # ----------------------------------------------------------- directory
+
+    def find_account(self, address: str) -> AccountEntry | None:
+        return self.directory.find_account(address)
+
+    def customer_of_user(self, unix_user: str) -> str | None:
+        return self.directory.customer_of_user(unix_user)
+
+    def customer_domains(self, customer_id: str) -> set[str]:
+        return self.directory.customer_domains(customer_id)
+
+    def add_customer(self, customer_id: str, unix_users: Sequence[str] = (), *,
+                     actor: str | None = None) -> Customer:
+        return self.directory.add_customer(customer_id, unix_users, actor=actor)
+
+    def bind_user(self, customer_id: str, unix_user: str, *, actor: str | None = None) -> Customer:
+        return self.directory.bind_user(customer_id, unix_user, actor=actor)
+
+    def unbind_user(self, unix_user: str, *, actor: str | None = None) -> str:
+        return self.directory.unbind_user(unix_user, actor=actor)
+
+    def get_customer(self, customer_id: str) -> Customer:
+        return self.directory.get_customer(customer_id)
+
+    def list_customers(self, only: str | None = None) -> list[Customer]:
+        return self.directory.list_customers(only)
+
+    def add_account(self, address: str, customer_id: str, *, authenticated: bool = False,
+                    actor: str | None = None) -> AccountEntry:
+        return self.directory.add_account(address, customer_id, authenticated=authenticated, actor=actor)
+
+    def remove_account(self, address: str, *, actor: str | None = None) -> AccountEntry:
+        return self.directory.remove_account(address, actor=actor)
+
+    def authenticate(self, address: str, authenticated: bool = True, *,
+                     actor: str | None = None) -> AccountEntry:
+        return self.directory.authenticate(address, authenticated, actor=actor)
+
+    def block(self, address: str, reason: str | None = None, *, actor: str | None = None) -> AccountEntry:
+        return self.directory.block(address, reason, actor=actor)
+
+    def unblock(self, address: str, reason: str | None = None, *, actor: str | None = None) -> AccountEntry:
+        return self.directory.unblock(address, reason, actor=actor)
+
+    def list_accounts(self, customer_id: str | None = None) -> list[AccountEntry]:
+        return self.directory.list_accounts(customer_id)
+
+    # ----------------------------------------------------------- rates
+
+    def reserve(self, account: Sender, recipients: int, *, message_id: str,
+                now: float | None = None) -> Reservation:
+        return self.rates.reserve(account, recipients, message_id=message_id, now=now)
+
+    def settle(self, reservation: Reservation | int, outcome: str) -> None:
+        self.rates.settle(reservation, outcome)
+
+    def settle_in(self, tx: Tx, send_id: int, outcome: str) -> None:
+        """``settle`` inside a transaction another stage holds (the queue's commit)."""
+        self.rates.settle_in(tx, send_id, outcome)
+
+    def usage(self, scope: str, subject: str, now: float | None = None) -> list[RuleUsage]:
+        return self.rates.usage(scope, subject, now)
+
+    def list_sends(self, scope: str, subject: str, *, counted_only: bool = False) -> list[SendRecord]:
+        return self.rates.list_sends(scope, subject, counted_only=counted_only)
+
+    def set_override(self, scope: str, subject: str, rule: Rule, *, expires_at: float,
+                     reason: str, actor: str | None = None, now: float | None = None) -> Override:
+        return self.rates.set_override(scope, subject, rule, expires_at=expires_at, reason=reason,
+                                       actor=actor, now=now)
+
+    def list_overrides(self, scope: str | None = None, subject: str | None = None, *,
+                       include_expired: bool = False, now: float | None = None) -> list[Override]:
+        return self.rates.list_overrides(scope, subject, include_expired=include_expired, now=now)
+
+    def remove_override(self, override_id: int, *, actor: str | None = None) -> Override:
+        return self.rates.remove_override(override_id, actor=actor)
+
+    def reset_usage(self, scope: str, subject: str, *, reason: str, actor: str | None = None,
+                    now: float | None = None) -> ResetMarker:
+        return self.rates.reset_usage(scope, subject, reason=reason, actor=actor, now=now)
+
+    # ----------------------------------------------------------- journal
+
+    def record_decision(self, **fields: object) -> None:
+        """One row per decision for ``sendmail-shim log`` (see ``journal.insert_decision``)."""
+        self.journal.record_decision(fields)
+
+    def settle_and_record(self, reservation: Reservation, outcome: str, decision: dict[str, object]) -> None:
+        """``settle`` and ``record_decision`` in one transaction: one commit (one fsync) per message."""
+        with self.store.write() as tx:
+            self.rates.settle_in(tx, reservation.id, outcome)
+            insert_decision(tx, decision)
+
+    def recent_decisions(self, limit: int = 50, *, account: str | None = None,
+                         customer: str | None = None) -> list[Decision]:
+        return self.journal.recent_decisions(limit, account=account, customer=customer)
+
+    def audit_log(self, limit: int = 50, *, subject: str | None = None) -> list[AuditEntry]:
+        return self.journal.audit_log(limit, subject=subject)
+
+    # ----------------------------------------------------------- SPF verdicts
+
+    def spf_cache(self) -> SqlSpfCache:
+        return SqlSpfCache(self.store)

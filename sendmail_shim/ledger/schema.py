@@ -1,0 +1,210 @@
+"""The schema of every table in the ledger database, and the migrations that make it.
+
+Each migration's tables are written here once and never change: a later
+migration adds to them. ``MIGRATIONS`` lists them in order; the table
+``schema_migrations`` records which ones a database has had.
+
+The queue's tables (``queue_messages``, ``queue_recipients``; their format is
+described in ``sendmail_shim/queue.py``) are defined here too, so that the
+store never needs the stage that uses them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .connections import Backend, SqlAlchemyBackend, prepare_sqlite_file
+
+MIGRATIONS = ("0001_initial", "0002_queue")
+_PG_ADVISORY_UPGRADE_LOCK = 7_352_001
+
+
+class SchemaStatus(NamedTuple):
+    applied: tuple[str, ...]
+    pending: tuple[str, ...]
+    unknown: tuple[str, ...]  # applied by a newer sendmail-shim
+
+
+def status(backend: Backend) -> SchemaStatus:
+    """Applied and pending migrations; raises LedgerNotInitialised when there is no schema at all."""
+    with backend.transaction(write=False) as tx:
+        rows = tx.rows("SELECT name FROM schema_migrations ORDER BY name")
+    applied = tuple(str(row[0]) for row in rows)
+    return SchemaStatus(
+        applied=applied,
+        pending=tuple(name for name in MIGRATIONS if name not in applied),
+        unknown=tuple(name for name in applied if name not in MIGRATIONS),
+    )
+
+
+def upgrade(url: str, busy_timeout: float, sqlite_file: str | None) -> list[str]:
+    """Create or upgrade the schema; return the names of the migrations applied now."""
+    if sqlite_file is not None:
+        prepare_sqlite_file(sqlite_file, busy_timeout)
+    backend = SqlAlchemyBackend(url, busy_timeout, sqlite_path=sqlite_file, create=True)
+    try:
+        return _apply_migrations(backend)
+    finally:
+        backend.close()
+
+
+def _apply_migrations(backend: SqlAlchemyBackend) -> list[str]:
+    import sqlalchemy as sa
+
+    applied_now: list[str] = []
+    with backend.transaction(write=True) as tx:
+        connection = tx.connection  # type: ignore[attr-defined]
+        if backend.dialect == "postgresql":
+            tx.run("SET LOCAL statement_timeout = 0")
+            tx.rows("SELECT pg_advisory_xact_lock(:k)", {"k": _PG_ADVISORY_UPGRADE_LOCK})
+        _migrations_table(sa).create(connection, checkfirst=True)
+        done = {row[0] for row in tx.rows("SELECT name FROM schema_migrations")}
+        for name in MIGRATIONS:
+            if name in done:
+                continue
+            _MIGRATION_STEPS[name](connection, sa)
+            tx.run("INSERT INTO schema_migrations (name, applied_at) VALUES (:n, :t)",
+                   {"n": name, "t": time.time()})
+            applied_now.append(name)
+    return applied_now
+
+
+def _migrations_table(sa: Any) -> Any:
+    md = sa.MetaData()
+    return sa.Table("schema_migrations", md, sa.Column("name", sa.String(64), primary_key=True),
+                    sa.Column("applied_at", sa.Double, nullable=False))
+
+
+# --------------------------------------------------------------------------- 0001_initial
+
+
+def _initial_tables(sa: Any) -> Any:
+    """The directory, the send log, overrides, resets, decisions, audit and SPF cache."""
+    md = sa.MetaData()
+    big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # rowid alias on SQLite
+    text, name = sa.Text, sa.String(64)
+
+    def customer_ref() -> Any:
+        return sa.ForeignKey("customers.id")
+
+    address = sa.String(320)
+    sa.Table("customers", md, sa.Column("id", name, primary_key=True),
+             sa.Column("created_at", sa.Double, nullable=False))
+    sa.Table("unix_users", md, sa.Column("unix_user", name, primary_key=True),
+             sa.Column("customer_id", name, customer_ref(), nullable=False, index=True))
+    sa.Table("domains", md, sa.Column("domain", sa.String(253), primary_key=True),
+             sa.Column("customer_id", name, customer_ref(), nullable=False, index=True))
+    sa.Table("accounts", md, sa.Column("address", address, primary_key=True),
+             sa.Column("domain", sa.String(253), nullable=False, index=True),
+             sa.Column("customer_id", name, customer_ref(), nullable=False, index=True),
+             sa.Column("authenticated", sa.Integer, nullable=False, default=0),
+             sa.Column("blocked", sa.Integer, nullable=False, default=0),
+             sa.Column("block_reason", text),
+             sa.Column("created_at", sa.Double, nullable=False),
+             sa.Column("updated_at", sa.Double, nullable=False))
+    sa.Table("sends", md, sa.Column("id", big_id, primary_key=True, autoincrement=True),
+             sa.Column("account", address, nullable=False),
+             sa.Column("customer_id", name, nullable=False),
+             sa.Column("message_id", text),
+             sa.Column("recipients", sa.Integer, nullable=False),
+             sa.Column("at_us", sa.BigInteger, nullable=False),
+             sa.Column("state", sa.String(16), nullable=False),
+             sa.Column("settled_at", sa.Double),
+             sa.Index("sends_account_at", "account", "at_us"),
+             sa.Index("sends_customer_at", "customer_id", "at_us"))
+    sa.Table("decisions", md, sa.Column("id", big_id, primary_key=True, autoincrement=True),
+             sa.Column("at", sa.Double, nullable=False, index=True),
+             sa.Column("verdict", sa.String(32)), sa.Column("code", sa.Integer),
+             sa.Column("account", address, index=True), sa.Column("customer_id", name, index=True),
+             sa.Column("uid", sa.BigInteger), sa.Column("unix_user", name),
+             sa.Column("recipients", sa.Integer), sa.Column("reason", text),
+             sa.Column("message_id", text), sa.Column("stage", sa.String(64)),
+             sa.Column("reference", sa.String(64)), sa.Column("extra", text))
+    sa.Table("overrides", md, sa.Column("id", big_id, primary_key=True, autoincrement=True),
+             sa.Column("scope", sa.String(16), nullable=False),
+             sa.Column("subject", address, nullable=False),
+             sa.Column("metric", sa.String(16), nullable=False),
+             sa.Column("limit_value", sa.BigInteger, nullable=False),
+             sa.Column("window_seconds", sa.BigInteger, nullable=False),
+             sa.Column("expires_at", sa.Double, nullable=False),
+             sa.Column("reason", text, nullable=False),
+             sa.Column("created_at", sa.Double, nullable=False),
+             sa.Column("created_by", name),
+             sa.Index("overrides_subject", "scope", "subject"))
+    sa.Table("usage_resets", md, sa.Column("id", big_id, primary_key=True, autoincrement=True),
+             sa.Column("scope", sa.String(16), nullable=False),
+             sa.Column("subject", address, nullable=False),
+             sa.Column("upto_send_id", sa.BigInteger, nullable=False),
+             sa.Column("at", sa.Double, nullable=False),
+             sa.Column("reason", text, nullable=False),
+             sa.Column("created_by", name),
+             sa.Index("usage_resets_subject", "scope", "subject"))
+    sa.Table("audit", md, sa.Column("id", big_id, primary_key=True, autoincrement=True),
+             sa.Column("at", sa.Double, nullable=False),
+             sa.Column("actor", name), sa.Column("action", sa.String(64), nullable=False),
+             sa.Column("subject", address, nullable=False), sa.Column("detail", text))
+    sa.Table("spf_cache", md, sa.Column("domain", sa.String(253), primary_key=True),
+             sa.Column("ip", sa.String(64), primary_key=True),
+             sa.Column("result", sa.String(16), nullable=False),
+             sa.Column("expires_at", sa.Double, nullable=False, index=True))
+    return md
+
+
+def _migrate_0001_initial(connection: Any, sa: Any) -> None:
+    _initial_tables(sa).create_all(connection)
+
+
+# --------------------------------------------------------------------------- 0002_queue
+
+
+def _queue_tables(sa: Any) -> Any:
+    """The durable queue: one row per message, one per envelope recipient (see queue.py)."""
+    md = sa.MetaData()
+    sa.Table(
+        "queue_messages", md,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("send_id", sa.BigInteger),
+        sa.Column("account", sa.String(320)),
+        sa.Column("customer_id", sa.String(64)),
+        sa.Column("sender", sa.String(320), nullable=False),
+        sa.Column("message_id", sa.Text),
+        sa.Column("data", sa.LargeBinary, nullable=False),
+        sa.Column("dsn_notify", sa.String(64)),
+        sa.Column("dsn_ret", sa.String(8)),
+        sa.Column("dsn_envid", sa.String(128)),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("next_attempt_at", sa.Double, nullable=False),
+        sa.Column("last_attempt_at", sa.Double),
+        sa.Column("claimed_by", sa.String(128)),
+        sa.Column("claimed_until", sa.Double),
+        sa.Column("last_error", sa.Text),
+        sa.Column("finished_at", sa.Double),
+        sa.Index("queue_due", "state", "next_attempt_at"),
+    )
+    sa.Table(
+        "queue_recipients", md,
+        sa.Column("queue_id", sa.String(32), sa.ForeignKey("queue_messages.id", ondelete="CASCADE"),
+                  primary_key=True),
+        sa.Column("address", sa.String(320), primary_key=True),
+        sa.Column("position", sa.Integer, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("code", sa.Integer),
+        sa.Column("reply", sa.Text),
+        sa.Column("updated_at", sa.Double, nullable=False),
+    )
+    return md
+
+
+def _migrate_0002_queue(connection: Any, sa: Any) -> None:
+    _queue_tables(sa).create_all(connection)
+
+
+_MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
+    "0001_initial": _migrate_0001_initial,
+    "0002_queue": _migrate_0002_queue,
+}
