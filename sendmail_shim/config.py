@@ -49,6 +49,9 @@ class UpstreamConfig:
 class LedgerConfig:
     url: str = DEFAULT_LEDGER_URL
     busy_timeout: float = 10.0
+    reservation_timeout: int = 3600  # an unsettled reservation counts this long, then is resolved
+    keep_queue: int = 30 * 86400  # finished queue messages are kept this long
+    keep_decisions: int = 90 * 86400  # the decision log is kept this long; the audit log for good
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,13 @@ def _ledger(s: _Section) -> LedgerConfig:
     assert url is not None
     if "://" not in url:
         raise s.error("url", f"{url!r} is not an SQLAlchemy URL (e.g. sqlite:////var/lib/sendmail-shim/ledger.db)")
-    config = LedgerConfig(url=url, busy_timeout=s.number("busy_timeout", 10.0, 0.1, 600))
+    config = LedgerConfig(
+        url=url,
+        busy_timeout=s.number("busy_timeout", 10.0, 0.1, 600),
+        reservation_timeout=s.duration("reservation_timeout", 3600),
+        keep_queue=s.duration("keep_queue", 30 * 86400),
+        keep_decisions=s.duration("keep_decisions", 90 * 86400),
+    )
     s.done()
     return config
 

@@ -167,7 +167,7 @@ def _sent(result: RelayResult, fields: dict[str, object]) -> Verdict:
 
 def _refused(exc: Exception, fields: dict[str, object]) -> Verdict:
     code = exitcodes.exit_code_for(exc)
-    if code == os.EX_SOFTWARE:
+    if code == exitcodes.EX_SOFTWARE:
         reference = os.urandom(4).hex()
         fields["ref"] = reference
         fields["trace"] = "".join(traceback.format_exception(exc)).strip()[-1500:]

@@ -8,6 +8,7 @@ One module per concern, each over one ``Store`` (``store.py``):
 - ``rates`` and ``windows``: reservations, settlement, usage, overrides and resets;
 - ``journal``: the decision log and the audit log;
 - ``spf_cache``: SPF verdicts shared by every process on this ledger;
+- ``retention``: pruning, timed-out reservations, the gate's housekeeping;
 - ``facade``: ``Ledger``, the one object the rest of the program holds.
 
 Nothing here imports a stage above the store, and nothing heavy is imported
@@ -31,6 +32,7 @@ from .facade import Ledger
 from .inputs import SCOPES, canonical_address, canonical_domain, parse_expiry
 from .journal import DECISION_ALIASES, DECISION_FIELDS, AuditEntry, Decision
 from .rates import OUTCOMES, Override, Reservation, ResetMarker, RuleUsage, SendRecord
+from .retention import PruneReport
 from .schema import MIGRATIONS, SchemaStatus
 from .spf_cache import SqlSpfCache
 from .times import format_delay, format_instant, format_utc
@@ -40,7 +42,7 @@ __all__ = [
     "COUNTED_STATES", "DECISION_ALIASES", "DECISION_FIELDS", "MIGRATIONS", "OUTCOMES", "SCOPES",
     "AccountEntry", "AuditEntry", "Conflict", "Customer", "Decision", "InvalidInput", "Ledger",
     "LedgerError", "LedgerNotInitialised", "LedgerUnavailable", "LimitNeverFits", "LimitReached",
-    "Override", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
+    "Override", "PruneReport", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
     "SqlSpfCache", "Tx", "UnknownSubject", "UnsupportedLedger", "canonical_address",
     "canonical_domain", "format_delay", "format_instant", "format_utc", "parse_expiry",
 ]

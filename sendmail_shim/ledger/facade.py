@@ -7,7 +7,7 @@ owns it: ``directory``, ``rates``, ``journal`` (and the SPF cache).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -16,30 +16,33 @@ from .connections import Tx
 from .directory import AccountEntry, Customer, Directory
 from .journal import AuditEntry, Decision, Journal, insert_decision
 from .rates import Override, Rates, Reservation, ResetMarker, RuleUsage, Sender, SendRecord
+from .retention import Housekeeping, PruneReport, prune, resolve_all_stale
 from .schema import SchemaStatus
 from .spf_cache import SqlSpfCache
 from .store import Store
 from .times import US
 
 if TYPE_CHECKING:
-    from ..config import Config, LimitsConfig
+    from ..config import Config, LedgerConfig, LimitsConfig
 
 
 class Ledger:
     """The ledger at an SQLAlchemy URL."""
 
-    def __init__(self, url: str, *, busy_timeout: float = 10.0,
-                 limits: LimitsConfig | None = None, via_sqlalchemy: bool = False) -> None:
+    def __init__(self, url: str, *, busy_timeout: float = 10.0, limits: LimitsConfig | None = None,
+                 via_sqlalchemy: bool = False, settings: LedgerConfig | None = None) -> None:
+        """``settings``: the ``[ledger]`` table (timeouts, retention); its defaults when not given."""
         self.url = url
         self.busy_timeout = busy_timeout
         self.store = Store(url, busy_timeout=busy_timeout, via_sqlalchemy=via_sqlalchemy)
         self.directory = Directory(self.store)
-        self.rates = Rates(self.store, limits)
+        self.rates = Rates(self.store, limits, settings)
         self.journal = Journal(self.store)
 
     @classmethod
     def from_config(cls, config: Config) -> Ledger:
-        return cls(config.ledger.url, busy_timeout=config.ledger.busy_timeout, limits=config.limits)
+        return cls(config.ledger.url, busy_timeout=config.ledger.busy_timeout, limits=config.limits,
+                   settings=config.ledger)
 
     def __enter__(self) -> Ledger:
         return self
@@ -185,6 +188,20 @@ class Ledger:
 
     def audit_log(self, limit: int = 50, *, subject: str | None = None) -> list[AuditEntry]:
         return self.journal.audit_log(limit, subject=subject)
+
+    # ----------------------------------------------------------- retention
+
+    def prune(self, now: float | None = None) -> PruneReport:
+        """Resolve timed-out reservations and delete what ``[ledger]`` retention no longer keeps."""
+        return prune(self.store, self.rates, now)
+
+    def resolve_stale(self, now: float | None = None) -> int:
+        """Resolve every reservation older than ``[ledger] reservation_timeout``; return how many."""
+        return resolve_all_stale(self.store, self.rates, now)
+
+    def housekeeping(self, report: Callable[[str, dict[str, object]], None]) -> Housekeeping:
+        """The gate's background thread for both (not started)."""
+        return Housekeeping(self.store, self.rates, report)
 
     # ----------------------------------------------------------- SPF verdicts
 

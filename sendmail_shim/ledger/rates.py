@@ -5,7 +5,14 @@ sends in the last W plus this message stay within N; since usage in any window
 can only grow at an acceptance, that keeps every window at every instant
 within N. The check and the reservation are one transaction serialised per
 customer (``Store.lock_customer``). Instants are integer microseconds, so the
-window arithmetic is exact.
+window arithmetic is exact; ``windows.py`` keeps it cheap.
+
+A send's life: ``reserved`` (counts) → ``sent`` or ``queued`` (count) or
+``released`` (does not). A reservation nobody settles within ``[ledger]
+reservation_timeout`` (its process was killed, its settlement failed) counts
+until then, the safe side, and is then resolved with an audit row: ``queued``
+when the queue holds its message, else ``expired`` (does not count). A late
+settlement of an expired one still records what really happened.
 """
 
 from __future__ import annotations
@@ -19,16 +26,19 @@ from ..limits import Rule
 from . import windows
 from .connections import Tx
 from .directory import require_account, require_customer
-from .errors import InvalidInput, LimitNeverFits, LimitReached, UnknownSubject
+from .errors import InvalidInput, LedgerUnavailable, LimitNeverFits, LimitReached, UnknownSubject
 from .inputs import SCOPES, canonical_address, check_reason, check_scope
 from .journal import audit
 from .store import Store
 from .times import US, format_utc
 
 if TYPE_CHECKING:
-    from ..config import LimitsConfig
+    from ..config import LedgerConfig, LimitsConfig
 
 OUTCOMES = ("sent", "queued", "released")
+_SETTLEABLE = ("reserved", "queued", "expired")
+_SEND_COLUMNS = "id, account, customer_id, recipients, at_us"
+TIMEOUT_ACTOR = "sendmail-shim"  # the audit log's actor for what the ledger does by itself
 
 
 class Sender(Protocol):
@@ -135,6 +145,17 @@ def _check_outcome(outcome: str) -> None:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
 
 
+def _counted_send(row: Sequence[Any]) -> windows.CountedSend:
+    return windows.CountedSend(int(row[0]), str(row[1]), str(row[2]), int(row[3]), int(row[4]))
+
+
+def _stale_detail(send: windows.CountedSend, message_id: str | None, queued: bool, timeout: float) -> str:
+    outcome = ("the queue holds its message, so it counts as queued" if queued
+               else "released: it no longer counts")
+    return (f"send #{send.id} of {send.recipients} recipient(s) ({message_id or 'no message id'}), "
+            f"reserved at {format_utc(send.at_us / US)}, was not settled within {timeout:g} s; {outcome}")
+
+
 def select_overrides(tx: Tx, where: str, params: dict[str, Any]) -> list[Override]:
     rows = tx.rows(
         "SELECT id, scope, subject, metric, limit_value, window_seconds, expires_at, reason, "
@@ -147,9 +168,11 @@ def select_overrides(tx: Tx, where: str, params: dict[str, Any]) -> list[Overrid
 class Rates:
     """The limits as they apply to one ledger."""
 
-    def __init__(self, store: Store, limits: LimitsConfig | None = None) -> None:
+    def __init__(self, store: Store, limits: LimitsConfig | None = None,
+                 settings: LedgerConfig | None = None) -> None:
         self.store = store
         self._limits = limits
+        self._settings = settings
 
     @property
     def limits(self) -> LimitsConfig:
@@ -158,6 +181,14 @@ class Rates:
 
             self._limits = LimitsConfig()
         return self._limits
+
+    @property
+    def settings(self) -> LedgerConfig:
+        if self._settings is None:
+            from ..config import LedgerConfig
+
+            self._settings = LedgerConfig(url=self.store.url, busy_timeout=self.store.busy_timeout)
+        return self._settings
 
     # ----------------------------------------------------------- reserving and settling
 
@@ -178,6 +209,7 @@ class Rates:
                 needed = active.amount(recipients)
                 if needed > active.rule.limit:
                     raise LimitNeverFits(active.scope, active.subject, active.rule, needed)
+            self.resolve_stale(tx, account.customer_id, now_us)
             self._refuse_if_over(tx, rules, recipients, now_us)
             rows = tx.rows(
                 "INSERT INTO sends (account, customer_id, message_id, recipients, at_us, state) "
@@ -185,8 +217,9 @@ class Rates:
                 {"a": account.address, "c": account.customer_id, "m": message_id,
                  "n": recipients, "t": now_us},
             )
-        return Reservation(int(rows[0][0]), account.address, account.customer_id,
-                           recipients, now_us / US, message_id)
+            send_id = int(rows[0][0])
+            windows.add(tx, windows.CountedSend(send_id, account.address, account.customer_id, recipients, now_us))
+        return Reservation(send_id, account.address, account.customer_id, recipients, now_us / US, message_id)
 
     def _active_rules(self, tx: Tx, address: str, customer_id: str, now: float) -> list[ActiveRule]:
         overrides = select_overrides(
@@ -238,17 +271,46 @@ class Rates:
     def settle_in(self, tx: Tx, send_id: int, outcome: str) -> None:
         """``settle`` inside a transaction another stage holds (the queue's commit)."""
         _check_outcome(outcome)
-        tx.run(
-            "UPDATE sends SET state = :s, settled_at = :t WHERE id = :i "
-            "AND state IN ('reserved', 'queued')",
-            {"s": outcome, "t": time.time(), "i": send_id},
-        )
+        found = tx.rows(f"SELECT {_SEND_COLUMNS}, state FROM sends WHERE id = :i", {"i": send_id})
+        if not found or found[0][5] not in _SETTLEABLE or found[0][5] == outcome:
+            return
+        send, before = _counted_send(found[0]), str(found[0][5])
+        counts_now = outcome in windows.COUNTED_STATES
+        turns = counts_now != (before in windows.COUNTED_STATES)
+        if turns:  # the buckets change: as for a reservation, under the customer's lock
+            self.store.lock_customer(tx, send.customer_id)
+        changed = tx.run("UPDATE sends SET state = :s, settled_at = :t WHERE id = :i AND state = :before",
+                         {"s": outcome, "t": time.time(), "i": send_id, "before": before})
+        if changed and turns:
+            windows.change(tx, send, 1 if counts_now else -1)
+        if changed and before == "expired":
+            audit(tx, "reservation settled late", send.account,
+                  f"send #{send.id} was {outcome} after its reservation had expired", TIMEOUT_ACTOR)
+
+    def resolve_stale(self, tx: Tx, customer_id: str, now_us: int) -> int:
+        """Resolve a customer's reservations older than the timeout (the caller holds its lock)."""
+        timeout = self.settings.reservation_timeout
+        rows = tx.rows(
+            f"SELECT {_SEND_COLUMNS}, message_id, EXISTS (SELECT 1 FROM queue_messages q "
+            "WHERE q.send_id = sends.id) FROM sends WHERE customer_id = :c AND state = 'reserved' "
+            "AND at_us < :cut ORDER BY id", {"c": customer_id, "cut": now_us - round(timeout * US)})
+        for row in rows:
+            send, queued = _counted_send(row), bool(row[6])
+            state = "queued" if queued else "expired"
+            tx.run("UPDATE sends SET state = :s, settled_at = :t WHERE id = :i AND state = 'reserved'",
+                   {"s": state, "t": now_us / US, "i": send.id})
+            if not queued:
+                windows.change(tx, send, -1)
+            audit(tx, f"reservation {state}", send.account, _stale_detail(send, row[5], queued, timeout),
+                  TIMEOUT_ACTOR, now_us / US)
+        return len(rows)
 
     # ----------------------------------------------------------- usage
 
     def usage(self, scope: str, subject: str, now: float | None = None) -> list[RuleUsage]:
         """Every rule of an account (``scope="account"``) or a customer, as it stands now."""
         check_scope(scope)
+        self._resolve_stale_before_report(scope, subject, now)
         with self.store.read() as tx:
             if scope == "account":
                 account = require_account(tx, subject)
@@ -261,6 +323,20 @@ class Rates:
                      if r.scope == scope]
             used = windows.window_sums(tx, scope, subject, [r.rule.window_seconds for r in rules], now_us)
             return [self._rule_usage(tx, r, used, now_us) for r in rules]
+
+    def _resolve_stale_before_report(self, scope: str, subject: str, now: float | None) -> None:
+        """Settle what has timed out, so the report shows it; a ledger this user may only read is shown as it is."""
+        try:
+            with self.store.write() as tx:
+                customer_id = self._customer_of(tx, scope, self._require_subject(tx, scope, subject))
+                self.store.lock_customer(tx, customer_id)
+                self.resolve_stale(tx, customer_id, self.store.now_us(tx, now))
+        except LedgerUnavailable:
+            pass
+
+    @staticmethod
+    def _customer_of(tx: Tx, scope: str, subject: str) -> str:
+        return subject if scope == "customer" else require_account(tx, subject).customer_id
 
     def _rule_usage(self, tx: Tx, active: ActiveRule, used: dict[tuple[str, int], int],
                     now_us: int) -> RuleUsage:
@@ -349,10 +425,11 @@ class Rates:
         reason_text = check_reason(reason, required=True) or ""
         with self.store.write() as tx:
             subject = self._require_subject(tx, scope, subject)
-            customer_id = subject if scope == "customer" else require_account(tx, subject).customer_id
+            customer_id = self._customer_of(tx, scope, subject)
             self.store.lock_customer(tx, customer_id)
             at = self.store.now_us(tx, now) / US
             upto = int(tx.rows("SELECT coalesce(max(id), 0) FROM sends")[0][0])
+            windows.clear(tx, scope, subject)
             rows = tx.rows(
                 "INSERT INTO usage_resets (scope, subject, upto_send_id, at, reason, created_by) "
                 "VALUES (:sc, :su, :u, :at, :r, :by) RETURNING id",

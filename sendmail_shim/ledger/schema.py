@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from .connections import Backend, SqlAlchemyBackend, prepare_sqlite_file
 
-MIGRATIONS = ("0001_initial", "0002_queue")
+MIGRATIONS = ("0001_initial", "0002_queue", "0003_store")
 _PG_ADVISORY_UPGRADE_LOCK = 7_352_001
 
 
@@ -204,7 +204,63 @@ def _migrate_0002_queue(connection: Any, sa: Any) -> None:
     _queue_tables(sa).create_all(connection)
 
 
+# --------------------------------------------------------------------------- 0003_store
+
+
+def _store_tables(sa: Any) -> Any:
+    """Usage buckets (see windows.py), and the indexes that keep pruning and timeouts cheap."""
+    md = sa.MetaData()
+    sa.Table("usage_buckets", md,
+             sa.Column("scope", sa.String(16), primary_key=True),
+             sa.Column("subject", sa.String(320), primary_key=True),
+             sa.Column("grain_us", sa.BigInteger, primary_key=True, autoincrement=False),
+             sa.Column("start_us", sa.BigInteger, primary_key=True, autoincrement=False),
+             sa.Column("messages", sa.BigInteger, nullable=False),
+             sa.Column("recipients", sa.BigInteger, nullable=False),
+             sa.Index("usage_buckets_start", "start_us"))
+    return md
+
+
+def _store_indexes(sa: Any, tables: Any) -> list[Any]:
+    sends, queue = tables.tables["sends"], tables.tables["queue_messages"]
+    unsettled = sa.text("state = 'reserved'")
+    return [
+        sa.Index("sends_at", sends.c.at_us),
+        # Only unsettled sends: the timeout's lookup stays small however long the log is.
+        sa.Index("sends_reserved", sends.c.customer_id, sends.c.at_us,
+                 sqlite_where=unsettled, postgresql_where=unsettled),
+        sa.Index("queue_send", queue.c.send_id),
+        sa.Index("queue_finished", queue.c.state, queue.c.finished_at),
+    ]
+
+
+def _backfill_buckets(connection: Any, sa: Any) -> None:
+    """The buckets of every send that counts now, so that an upgraded ledger keeps its usage.
+
+    The grains and states are written out: a migration must not change when the code does.
+    """
+    for scope, column in (("account", "account"), ("customer", "customer_id")):
+        for grain in (60_000_000, 3_600_000_000, 86_400_000_000):
+            connection.execute(sa.text(
+                "INSERT INTO usage_buckets (scope, subject, grain_us, start_us, messages, recipients) "
+                f"SELECT '{scope}', s.{column}, {grain}, (s.at_us / {grain}) * {grain}, count(*), "
+                "sum(s.recipients) FROM sends s WHERE s.state IN ('reserved', 'sent', 'queued') AND s.id > "
+                "(SELECT coalesce(max(r.upto_send_id), 0) FROM usage_resets r "
+                f"WHERE r.scope = '{scope}' AND r.subject = s.{column}) "
+                f"GROUP BY s.{column}, (s.at_us / {grain}) * {grain}"))
+
+
+def _migrate_0003_store(connection: Any, sa: Any) -> None:
+    _store_tables(sa).create_all(connection)
+    existing = sa.MetaData()
+    existing.reflect(connection, only=["sends", "queue_messages"])
+    for index in _store_indexes(sa, existing):
+        index.create(connection)
+    _backfill_buckets(connection, sa)
+
+
 _MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
     "0001_initial": _migrate_0001_initial,
     "0002_queue": _migrate_0002_queue,
+    "0003_store": _migrate_0003_store,
 }
