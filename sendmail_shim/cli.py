@@ -283,6 +283,30 @@ def db_status(state: State, as_json: bool) -> None:
                    "pending": list(status.pending), "unknown": list(status.unknown)}, text)
 
 
+@db.command("prune", epilog=example("sendmail-shim db prune --json"))
+@json_option
+@pass_state
+def db_prune(state: State, as_json: bool) -> None:
+    """Delete what retention no longer keeps, and resolve timed-out reservations.
+
+    Sends older than the longest window (plus a day), finished queue messages
+    older than [ledger] keep_queue and decisions older than [ledger]
+    keep_decisions go; the audit log stays. Usage is the same before and after.
+    The gate prunes by itself every hour; run this from a timer without one.
+    """
+    report = state.ledger.prune()
+    removed = {"sends": report.sends, "usage_buckets": report.usage_buckets,
+               "queue_messages": report.queue_messages, "decisions": report.decisions,
+               "spf_verdicts": report.spf_verdicts}
+    kept = {"sends": iso(report.sends_before), "queue_messages": iso(report.queue_before),
+            "decisions": iso(report.decisions_before)}
+    text = ["removed " + ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in removed.items()),
+            f"resolved {report.reservations_resolved} timed-out reservation(s)",
+            "kept: " + ", ".join(f"{name.replace('_', ' ')} since {at}" for name, at in kept.items())]
+    show(as_json, {"ok": True, "ledger": state.ledger.where, "removed": removed,
+                   "reservations_resolved": report.reservations_resolved, "kept_since": kept}, text)
+
+
 # ----------------------------------------------------------------- customers
 
 

@@ -90,6 +90,8 @@ def serve(config: Config, *, ready: Callable[[], None] | None = None) -> int:
     warm_up(runtime)
     listener = open_listener(config.gate)
     gate = Gate(listener, runtime)
+    housekeeping = runtime.ledger.housekeeping(lambda event, fields: _log(
+        config, "warning" if fields.get("failed") else "info", event=event, **fields))
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: gate.stop())
@@ -99,9 +101,11 @@ def serve(config: Config, *, ready: Callable[[], None] | None = None) -> int:
         _log(config, "warning", event="gate-runs-as-root",
              reason="run the gate as its own system user (User= in the systemd unit)")
     (ready or _notify_systemd_ready)()
+    housekeeping.start()  # timed-out reservations every minute, pruning every hour
     try:
         gate.run()
     finally:
+        housekeeping.stop()
         listener.close()
         runtime.ledger.close()
         _log(config, "info", event="gate-stop", socket=listener.where, pid=os.getpid())

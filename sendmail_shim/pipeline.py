@@ -86,7 +86,9 @@ def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         fields.update(account=account.address, customer=account.customer_id)
         _check_spf(envelope, message, runtime)
         reservation = runtime.ledger.reserve(account, len(envelope.recipients), message_id=message.message_id or "")
-        # From here on the message counts against the limits: it ends up sent, queued or released.
+        queue.crash_point("pipeline:after-reserve")
+        # From here on the message counts against the limits: it ends up sent, queued or released
+        # (or, if this process dies first, expired after [ledger] reservation_timeout).
         verdict, outcome = _relay_or_queue(envelope, message, reservation, runtime, fields)
     except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
         outcome = "released" if reservation is not None else None

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
@@ -213,6 +215,29 @@ class ConnectionTx:
     def run(self, sql: str, params: dict[str, Any] | None = None) -> int:
         return int(self.connection.execute(self.text(sql), params or {}).rowcount)
 
+    def rows_within(self, sql: str, params: dict[str, Any], wait: float) -> list[Sequence[Any]] | None:
+        """``rows`` of a locking query (PostgreSQL) that waits at most ``wait`` seconds for a lock.
+
+        None when the wait ran out; the transaction goes on (a savepoint takes the failure).
+        """
+        from sqlalchemy import exc as sa_exc
+
+        self.connection.exec_driver_sql("SAVEPOINT lock_wait")
+        self.connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{max(1, round(wait * 1000))}ms'")
+        try:
+            found = self.rows(sql, params)
+        except sa_exc.OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != LOCK_TIMEOUT:
+                raise
+            self.connection.exec_driver_sql("ROLLBACK TO SAVEPOINT lock_wait")
+            return None
+        self.connection.exec_driver_sql("RELEASE SAVEPOINT lock_wait")
+        self.connection.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")
+        return found
+
+
+LOCK_TIMEOUT, QUERY_CANCELED, TOO_MANY_CONNECTIONS = "55P03", "57014", "53300"  # PostgreSQL SQLSTATEs
+
 
 class SqlAlchemyBackend:
     """Any SQLAlchemy URL; in practice PostgreSQL (and SQLite for schema changes)."""
@@ -250,7 +275,10 @@ class SqlAlchemyBackend:
         if url.get_backend_name() == "postgresql":
             connect_args = _postgres_connect_args(url, self.busy_timeout)
         try:
-            return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+            # A gate's threads queue for its pool while others wait for a customer's lock,
+            # which may take longer than busy_timeout under a burst; statements get three times as long.
+            return create_engine(url, pool_pre_ping=True, connect_args=connect_args,
+                                 pool_timeout=3 * self.busy_timeout)
         except ImportError as exc:
             raise UnsupportedLedger(
                 f"the ledger {self.where} needs a database driver that is not installed "
@@ -263,14 +291,30 @@ class SqlAlchemyBackend:
         from sqlalchemy import text
 
         try:
-            with self.engine.connect() as connection:
+            with self._connect() as connection:
                 if self.dialect == "sqlite":
                     yield from self._sqlite_transaction(connection, text, write)
                 else:
                     with connection.begin():
                         yield ConnectionTx(connection, text)
-        except (sa_exc.DBAPIError, sa_exc.NoSuchModuleError) as exc:
+        except (sa_exc.DBAPIError, sa_exc.NoSuchModuleError, sa_exc.TimeoutError) as exc:
             raise self._translate(exc) from None
+
+    def _connect(self) -> Any:
+        """A connection; while the server has no slot free (a burst of processes), try again."""
+        from sqlalchemy import exc as sa_exc
+
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.02
+        while True:
+            try:
+                return self.engine.connect()
+            except sa_exc.OperationalError as exc:
+                remaining = deadline - time.monotonic()
+                if not _no_slot_free(exc) or remaining <= 0:
+                    raise
+            time.sleep(min(remaining, pause * random.uniform(0.5, 1.5)))  # jitter spreads the waiting out
+            pause = min(0.5, pause * 2)
 
     @staticmethod
     def _sqlite_transaction(connection: Any, text: Callable[[str], Any],
@@ -296,10 +340,12 @@ class SqlAlchemyBackend:
             return Conflict("someone else changed the same entry at the same time; try again")
         if isinstance(exc, sa_exc.NoSuchModuleError):
             return UnsupportedLedger(f"the ledger url {self.where} names an unknown driver")
+        if isinstance(exc, sa_exc.TimeoutError) or _no_slot_free(exc):
+            return busy(self.where, self.busy_timeout)
         state = getattr(original, "sqlstate", None)
         if state == "42P01":
             return LedgerNotInitialised(f"the ledger {self.where} is not initialised; {RUN_UPGRADE}")
-        if state in ("55P03", "57014"):
+        if state in (LOCK_TIMEOUT, QUERY_CANCELED, TOO_MANY_CONNECTIONS):
             return busy(self.where, self.busy_timeout)
         detail = one_line(str(original or exc).split("\n")[0])
         return LedgerUnavailable(
@@ -310,6 +356,14 @@ class SqlAlchemyBackend:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+
+
+def _no_slot_free(exc: Exception) -> bool:
+    """PostgreSQL refused the connection for want of a free slot (max_connections)."""
+    original = getattr(exc, "orig", None)
+    text = str(original or exc)
+    return (getattr(original, "sqlstate", None) == TOO_MANY_CONNECTIONS or "too many clients" in text
+            or "remaining connection slots are reserved" in text)
 
 
 def dialect_of(url: str) -> str:

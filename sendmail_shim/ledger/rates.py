@@ -202,8 +202,8 @@ class Rates:
         if recipients < 1:
             raise ValueError("a message has at least one recipient")
         with self.store.write() as tx:
-            self.store.lock_customer(tx, account.customer_id)
-            now_us = self.store.now_us(tx, now)
+            clock = self.store.lock_customer(tx, account.customer_id)
+            now_us = clock if clock is not None and now is None else self.store.now_us(tx, now)
             rules = self._active_rules(tx, account.address, account.customer_id, now_us / US)
             for active in rules:
                 needed = active.amount(recipients)

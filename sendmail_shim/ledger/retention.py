@@ -163,5 +163,6 @@ class Housekeeping:
         except LedgerError as exc:
             self.report(event, {"reason": str(exc), "failed": True})
             return
-        if any(value for name, value in done.items() if not name.endswith("_before")):
-            self.report(event, done)
+        counts = {name: value for name, value in done.items() if not name.endswith("_before")}
+        if any(counts.values()):
+            self.report(event, counts)

@@ -11,9 +11,21 @@ import time
 from contextlib import AbstractContextManager
 
 from . import schema
-from .connections import Backend, SqlAlchemyBackend, SqliteBackend, Tx, dialect_of, safe_url, sqlite_path
+from .connections import (
+    Backend,
+    ConnectionTx,
+    SqlAlchemyBackend,
+    SqliteBackend,
+    Tx,
+    busy,
+    dialect_of,
+    safe_url,
+    sqlite_path,
+)
 from .errors import LedgerNotInitialised, no_customer
 from .times import US
+
+_CLOCK = "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)"
 
 
 class Store:
@@ -60,13 +72,43 @@ class Store:
         self._ensure_schema()
         return self.backend().transaction(write=True)
 
-    def lock_customer(self, tx: Tx, customer_id: str) -> None:
-        """Serialise everything that counts for one customer (SQLite's BEGIN IMMEDIATE already does)."""
+    def lock_customer(self, tx: Tx, customer_id: str) -> int | None:
+        """Serialise everything that counts for one customer (SQLite's BEGIN IMMEDIATE already does).
+
+        On PostgreSQL, the customer's row lock. Under a burst, many callers queue
+        for it and each holds it briefly; a caller waits as long as the queue
+        moves, and fails (busy) only when one holder has kept it for
+        ``busy_timeout``. Returns the database's clock in microseconds when the
+        lock came at once (one round trip for both), else None.
+        """
         if self.dialect == "sqlite":
-            return
-        found = tx.rows("SELECT id FROM customers WHERE id = :c FOR UPDATE", {"c": customer_id})
-        if not found:
+            return None
+        params = {"c": customer_id}
+        if self.dialect != "postgresql" or not isinstance(tx, ConnectionTx):
+            if not tx.rows("SELECT id FROM customers WHERE id = :c FOR UPDATE", params):
+                raise no_customer(customer_id)
+            return None
+        free = tx.rows(f"{_CLOCK} FROM customers WHERE id = :c FOR UPDATE SKIP LOCKED", params)
+        if free:
+            return int(free[0][0])
+        if not tx.rows("SELECT 1 FROM customers WHERE id = :c", params):
             raise no_customer(customer_id)
+        self._wait_for_customer(tx, customer_id)
+        return None
+
+    def _wait_for_customer(self, tx: ConnectionTx, customer_id: str) -> None:
+        """Wait in turns of ``slice`` seconds; between turns, see whether the holder changed."""
+        wait = min(1.0, max(0.05, self.busy_timeout / 4))
+        params = {"c": customer_id}
+        holder, moved_at = None, time.monotonic()
+        while tx.rows_within("SELECT id FROM customers WHERE id = :c FOR UPDATE", params, wait) is None:
+            # The locking transaction's id: a new one means the queue moves.
+            current = tx.rows("SELECT CAST(xmax AS TEXT) FROM customers WHERE id = :c", params)[0][0]
+            if holder is not None and current != holder:
+                moved_at = time.monotonic()
+            holder = current
+            if time.monotonic() - moved_at >= self.busy_timeout:
+                raise busy(self.where, self.busy_timeout)
 
     def now_us(self, tx: Tx, now: float | None = None) -> int:
         """``now`` if given (tests, replays), else the ledger's clock in microseconds.
@@ -76,8 +118,7 @@ class Store:
         if now is not None:
             return round(now * US)
         if self.dialect == "postgresql":
-            value = tx.rows("SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)")
-            return int(value[0][0])
+            return int(tx.rows(_CLOCK)[0][0])
         return round(time.time() * US)
 
     # ----------------------------------------------------------- schema

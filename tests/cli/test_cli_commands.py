@@ -288,3 +288,35 @@ def test_db_upgrade_can_hand_the_file_to_the_service_user(invoke: Invoke, tmp_pa
         assert (path.stat().st_uid, path.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
     assert one_line_error(invoke("db", "upgrade", "--owner", "no-such-user-here"), 65) == \
         "'no-such-user-here' is not a known user (or group)"
+
+
+def test_db_prune_removes_what_retention_no_longer_keeps_and_says_so(ready: Invoke, config_file: Path) -> None:
+    import time
+
+    ledger = ledger_of(config_file)
+    account = ledger.find_account("post@kunde.example")
+    assert account is not None
+    now = time.time()
+    old = ledger.reserve(account, 2, message_id="<old>", now=now - 40 * 86400)
+    ledger.settle_and_record(old, "sent", {"verdict": "sent", "code": 0, "time": now - 40 * 86400})
+    ledger.settle_and_record(ledger.reserve(account, 1, message_id="<new>", now=now - 60), "sent",
+                             {"verdict": "sent", "code": 0, "time": now - 60})
+    ledger.reserve(account, 1, message_id="<killed>", now=now - 7200)  # never settled
+    ledger.record_decision(verdict="refused", code=69, time=now - 100 * 86400)
+    result = ready("db", "prune", "--json")
+    assert result.exit_code == 0, result.output
+    doc = document(result)
+    assert doc["removed"] == {"sends": 1, "usage_buckets": 6, "queue_messages": 0, "decisions": 1,
+                              "spf_verdicts": 0}
+    assert doc["reservations_resolved"] == 1 and doc["ok"] is True
+    for key in ("sends", "queue_messages", "decisions"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", doc["kept_since"][key])
+    kept = datetime.fromisoformat(doc["kept_since"]["decisions"].replace("Z", "+00:00")).timestamp()
+    assert abs(kept - (now - 90 * 86400)) < 60  # the default keep_decisions
+    # The killed reservation stopped counting (with an audit row); the message of a minute ago counts.
+    assert [u.used for u in ledger.usage("account", account.address, now=now)] == [1, 1, 1, 1]
+    assert ledger.audit_log(1)[0].action == "reservation expired"
+    text = ready("db", "prune")
+    assert text.exit_code == 0
+    assert text.stdout.splitlines()[0] == ("removed 0 sends, 0 usage buckets, 0 queue messages, 0 decisions, "
+                                           "0 spf verdicts")

@@ -249,6 +249,33 @@ def test_runner_killed_after_the_upstream_took_it_gives_at_most_one_duplicate(sh
     assert first.headers["message-id"] == second.headers["message-id"]
 
 
+def account_usage(shim: Shim) -> dict[str, int]:
+    """`sendmail-shim usage --json` as a control panel reads it: rule -> used."""
+    result = shim.admin("usage", "--account", "post@kunde.example", "--json")
+    assert result.code == 0, result.stderr
+    return {rule["rule"]: rule["used"] for rule in json.loads(result.stdout)["rules"] if rule["scope"] == "account"}
+
+
+def test_sendmail_killed_between_reserve_and_settle_counts_until_the_timeout(shim: Shim, upstream: SmtpUpstream):
+    shim.configure("ledger", reservation_timeout=2)
+    proc = subprocess.run([SENDMAIL, "-t", "-i"], input=MESSAGE, env=crash_env(shim, "pipeline:after-reserve"))
+    killed_at = time.monotonic()
+    assert proc.returncode == -signal.SIGKILL  # PHP sees failure; nothing was relayed
+    assert upstream.received == []
+    assert account_usage(shim)["25 messages / 5m"] == 1  # the safe side: it counts until the timeout
+    assert sends_state(shim) == ["reserved"]
+    time.sleep(max(0.0, killed_at + 2.2 - time.monotonic()))
+    assert account_usage(shim) == {"25 messages / 5m": 0, "250 recipients / 5m": 0,
+                                   "1000 recipients / 1d": 0, "5000 recipients / 30d": 0}
+    assert sends_state(shim) == ["expired"]
+    (entry, *_) = json.loads(shim.admin("log", "--audit", "--json").stdout)
+    assert (entry["action"], entry["subject"], entry["actor"]) == \
+        ("reservation expired", "post@kunde.example", "sendmail-shim")
+    assert "2 recipient(s)" in entry["detail"] and "was not settled within 2 s" in entry["detail"]
+    assert shim.sendmail("-t", "-i", input=MESSAGE).code == 0  # and the account sends again
+    assert len(upstream.received) == 1 and sends_state(shim) == ["expired", "sent"]
+
+
 # ------------------------------------------------------------------ many runners
 
 

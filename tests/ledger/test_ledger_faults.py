@@ -212,3 +212,63 @@ def test_no_ledger_error_line_is_ever_more_than_one_line(sqlite_url: str) -> Non
         with pytest.raises(LedgerError) as caught:
             step()
         assert "\n" not in str(caught.value)
+
+
+def test_a_caller_behind_a_moving_queue_waits_past_the_busy_timeout(
+        postgres_cluster: PostgresCluster, pg_url: str) -> None:
+    """Four holders, 0.6 s each, ahead of a reservation with busy_timeout 1: the queue moves, so it waits."""
+    ledger = open_ledger(pg_url)
+    account = add_account(ledger)
+    patient = Ledger(pg_url, busy_timeout=1)
+    patient.find_account(account.address)  # connected: the wait below is for the lock alone
+    database = postgres_cluster.database_of(pg_url)
+    started = time.monotonic()
+
+    def hold(turn: int) -> None:
+        time.sleep(0.02 * turn)  # queue up in turn
+        with postgres_cluster.connect(database) as holder:
+            holder.autocommit = False
+            holder.execute("SELECT id FROM customers WHERE id = 'kunde1' FOR UPDATE")
+            time.sleep(0.6)
+            holder.commit()
+
+    holders = [threading.Thread(target=hold, args=(turn,)) for turn in range(4)]
+    for thread in holders:
+        thread.start()
+    time.sleep(0.2)
+    reservation = patient.reserve(account, 1, message_id="<m@x>")
+    waited = time.monotonic() - started
+    for thread in holders:
+        thread.join()
+    assert waited >= 1.8  # well past busy_timeout: it stood in a queue that moved
+    assert [s.id for s in ledger.list_sends("account", account.address)] == [reservation.id]
+
+
+def test_a_server_with_no_connection_slot_free_is_waited_for_then_busy() -> None:
+    import psycopg
+
+    with PostgresCluster(settings={"max_connections": "6"}) as cluster:
+        url = cluster.create_database("ledger")
+        ledger = open_ledger(url)
+        account = add_account(ledger)
+        ledger.close()
+        database = cluster.database_of(url)
+        holders: list[psycopg.Connection] = []
+        while True:  # take every slot there is
+            try:
+                holders.append(cluster.connect(database))
+            except psycopg.OperationalError:
+                break
+        assert holders
+        patient = Ledger(url, busy_timeout=1)
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable) as caught:
+            patient.find_account(account.address)
+        assert 0.9 <= time.monotonic() - started < 5
+        assert str(caught.value).endswith("stayed busy for 1 s; try again later")
+        threading.Timer(0.5, holders.pop().close).start()  # a slot frees up while it waits
+        patient = Ledger(url, busy_timeout=3)
+        assert patient.find_account(account.address) is not None
+        patient.close()
+        for holder in holders:
+            holder.close()

@@ -1,4 +1,4 @@
-"""The queue runner's units: a oneshot `sendmail-shim queue run` every minute, as the service
+"""The timers' units: a oneshot `sendmail-shim queue run` every minute and `db prune` every hour, as the service
 user, running a command the admin CLI really has."""
 
 from __future__ import annotations
@@ -52,3 +52,18 @@ def test_every_service_runs_a_command_the_admin_cli_has(name: str) -> None:
         assert Path(argv[0]).name == "sendmail-shim", line
         result = CliRunner().invoke(cli, [*argv[1:], "--help"])
         assert result.exit_code == 0, f"{name}: `{line}` is not a sendmail-shim command: {result.output}"
+
+
+def test_the_ledger_is_pruned_every_hour_by_a_timer_as_the_service_user() -> None:
+    service = unit("sendmail-shim-prune.service")["Service"]
+    assert service["Type"] == "oneshot"
+    assert service["User"] == service["Group"] == "sendmail-shim"
+    assert shlex.split(service["ExecStart"]) == ["/usr/bin/sendmail-shim", "db", "prune"]
+    timer = unit("sendmail-shim-prune.timer")
+    assert timer["Install"]["WantedBy"] == "timers.target"
+    assert timer["Timer"]["Persistent"] == "true"  # a server that was off prunes when it is back
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is needed")
+    shown = subprocess.run(["systemd-analyze", "calendar", timer["Timer"]["OnCalendar"]],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "Normalized form: *-*-* *:00:00" in shown
