@@ -397,7 +397,14 @@ KEY_TEXT: dict[str, str] = {
     "ledger.url": "An SQLAlchemy URL: an SQLite file for one server, "
                   "postgresql+psycopg://user@host/db for a fleet sharing limits.",
     "ledger.busy_timeout": "Seconds to wait for the ledger (a lock or a connection) before refusing with "
-                           "exit 69: the limits fail closed.",
+                           "exit 69: the limits fail closed. On PostgreSQL the wait lasts as long as the "
+                           "customer's lock passes from caller to caller; it is the time one holder may keep it.",
+    "ledger.reservation_timeout": "How long a reservation nobody settled (its process was killed) counts; "
+                                  "then it counts as queued if the queue holds its message, else it stops "
+                                  "counting, with an audit row.",
+    "ledger.keep_queue": "How long finished queue messages are kept before they are pruned.",
+    "ledger.keep_decisions": "How long the decision log is kept before it is pruned (the audit log is kept "
+                             "for good; sends are kept for the longest window plus a day).",
     "spf.relay_ips": "The upstream's outgoing addresses. Required unless enabled is false.",
     "spf.nameservers": "DNS servers to ask, as 192.0.2.53 or 127.0.0.1:5353. Empty: the system resolver.",
     "spf.accept": "The SPF results that let mail through (pass, neutral, softfail, none, fail, "

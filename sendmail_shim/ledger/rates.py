@@ -325,10 +325,18 @@ class Rates:
             return [self._rule_usage(tx, r, used, now_us) for r in rules]
 
     def _resolve_stale_before_report(self, scope: str, subject: str, now: float | None) -> None:
-        """Settle what has timed out, so the report shows it; a ledger this user may only read is shown as it is."""
+        """Settle what has timed out, so the report shows it; a ledger this user may only read is shown as it is.
+
+        A report is a read: the write (and on SQLite its lock) comes only when something timed out.
+        """
+        with self.store.read() as tx:
+            customer_id = self._customer_of(tx, scope, self._require_subject(tx, scope, subject))
+            cut = self.store.now_us(tx, now) - round(self.settings.reservation_timeout * US)
+            if not tx.rows("SELECT 1 FROM sends WHERE customer_id = :c AND state = 'reserved' AND at_us < :cut",
+                           {"c": customer_id, "cut": cut}):
+                return
         try:
             with self.store.write() as tx:
-                customer_id = self._customer_of(tx, scope, self._require_subject(tx, scope, subject))
                 self.store.lock_customer(tx, customer_id)
                 self.resolve_stale(tx, customer_id, self.store.now_us(tx, now))
         except LedgerUnavailable:

@@ -118,6 +118,12 @@ def test_inside_the_store_no_module_imports_a_higher_rank() -> None:
     assert upward == []
 
 
+def test_every_module_of_the_store_stays_small() -> None:
+    sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()
+             if name.startswith("sendmail_shim.ledger")}
+    assert {name: lines for name, lines in sizes.items() if lines > 500} == {}
+
+
 def test_the_store_imports_nothing_but_itself_and_the_config_layer() -> None:
     layers = layer_of()
     outside = sorted(f"{name} imports {target}" for name, targets in GRAPH.items()
