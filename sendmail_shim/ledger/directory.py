@@ -7,7 +7,7 @@ in it); a Unix user is bound to at most one customer. Every change is audited.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .connections import Tx
@@ -63,6 +63,18 @@ def require_customer(tx: Tx, customer_id: str) -> None:
         raise no_customer(customer_id)
 
 
+def _claim(tx: Tx, table: str, column: str, name: str, customer_id: str,
+           conflict: Callable[[str], str]) -> bool:
+    """Give ``name`` (a domain, a Unix user) to the customer: one owner each. True when it is new."""
+    owner = tx.rows(f"SELECT customer_id FROM {table} WHERE {column} = :n", {"n": name})
+    if owner and owner[0][0] != customer_id:
+        raise Conflict(conflict(str(owner[0][0])))
+    if owner:
+        return False
+    tx.run(f"INSERT INTO {table} ({column}, customer_id) VALUES (:n, :c)", {"n": name, "c": customer_id})
+    return True
+
+
 class Directory:
     """Lookups for the sending path and changes for the admin CLI."""
 
@@ -116,15 +128,9 @@ class Directory:
 
     @staticmethod
     def _bind(tx: Tx, customer_id: str, user: str, actor: str | None) -> None:
-        rows = tx.rows(_CUSTOMER_OF_USER, {"u": user})
-        if rows and rows[0][0] != customer_id:
-            raise Conflict(
-                f"the Unix user {user} is bound to customer {rows[0][0]}; "
-                f"unbind it first (sendmail-shim customer unbind {user})"
-            )
-        if not rows:
-            tx.run("INSERT INTO unix_users (unix_user, customer_id) VALUES (:u, :c)",
-                   {"u": user, "c": customer_id})
+        if _claim(tx, "unix_users", "unix_user", user, customer_id, lambda other: (
+                f"the Unix user {user} is bound to customer {other}; "
+                f"unbind it first (sendmail-shim customer unbind {user})")):
             audit(tx, "customer bind", customer_id, f"unix user {user}", actor)
 
     def unbind_user(self, unix_user: str, *, actor: str | None = None) -> str:
@@ -176,7 +182,8 @@ class Directory:
                 if existing.customer_id != customer_id:
                     raise Conflict(f"{address} is already an account of customer {existing.customer_id}")
                 return existing
-            self._claim_domain(tx, domain, customer_id)
+            _claim(tx, "domains", "domain", domain, customer_id, lambda other: (
+                f"the domain {domain} belongs to customer {other}; a domain may belong to only one customer"))
             now = time.time()
             tx.run(
                 "INSERT INTO accounts (address, domain, customer_id, authenticated, blocked, "
@@ -185,18 +192,6 @@ class Directory:
             )
             audit(tx, "account add", address, f"customer {customer_id}", actor)
             return require_account(tx, address)
-
-    @staticmethod
-    def _claim_domain(tx: Tx, domain: str, customer_id: str) -> None:
-        owner = tx.rows("SELECT customer_id FROM domains WHERE domain = :d", {"d": domain})
-        if owner and owner[0][0] != customer_id:
-            raise Conflict(
-                f"the domain {domain} belongs to customer {owner[0][0]}; "
-                f"a domain may belong to only one customer"
-            )
-        if not owner:
-            tx.run("INSERT INTO domains (domain, customer_id) VALUES (:d, :c)",
-                   {"d": domain, "c": customer_id})
 
     def remove_account(self, address: str, *, actor: str | None = None) -> AccountEntry:
         """Remove an account (its send history stays and counts again if it is re-added)."""

@@ -142,8 +142,9 @@ class Housekeeping:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the round in progress; a round cut short by the exit only rolls back its batch."""
         self.stopping.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=5)
 
     def _run(self) -> None:
         sweep = min(STALE_SWEEP_EVERY, max(1.0, self.rates.settings.reservation_timeout / 2))
