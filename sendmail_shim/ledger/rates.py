@@ -261,7 +261,7 @@ class Rates:
     def settle(self, reservation: Reservation | int, outcome: str) -> None:
         """``sent`` or ``queued`` keep counting; ``released`` (refused, permanent failure) stops.
 
-        Only a reserved or queued send changes: a sent one is never uncounted.
+        Only a reserved, queued or expired send changes: a sent one is never uncounted.
         """
         _check_outcome(outcome)
         send_id = reservation if isinstance(reservation, int) else reservation.id
