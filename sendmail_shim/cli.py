@@ -135,9 +135,9 @@ def iso(at: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC with microseconds (exact), or None."""
     if at is None:
         return None
-    from datetime import UTC, datetime
+    from .gate_protocol import iso_utc
 
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return iso_utc(at)
 
 
 def example(*lines: str) -> str:
@@ -833,16 +833,22 @@ def queue_run(state: State, ignore_backoff: bool, as_json: bool) -> None:
 # ----------------------------------------------------------------- serve
 
 
-@cli.command("serve", epilog=example("sendmail-shim serve"))
+@cli.command("serve", epilog=example("sendmail-shim serve --user sendmail-shim"))
+@click.option("--user", "user", metavar="USER",
+              help="Started as root: the user to become once the start checks are done (the gate's user).")
 @json_option
 @pass_state
-def serve(state: State, as_json: bool) -> None:
+def serve(state: State, user: str | None, as_json: bool) -> None:
     """Run the gate: the local service that sendmail hands each message to (see docs/gate.md).
 
     It listens on [gate] socket, or on the socket systemd passes, and runs until SIGTERM.
+    It starts only when sites cannot reach the relay without it: the relay requires AUTH
+    (credentials only the gate's user can read), or [gate] egress = "restricted" and the
+    firewall lets only the gate's user reach the relay, or [gate] trust = "single-tenant".
+    It refuses to run as root: started as root, it needs --user.
     """
     from .gate import serve as run_gate
 
-    code = run_gate(state.config)
+    code = run_gate(state.config, user=user)
     show(as_json, {"ok": code == EX_OK, "exit_code": code}, "the gate has stopped")
     raise SystemExit(code)

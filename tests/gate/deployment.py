@@ -271,7 +271,7 @@ class Deployment:
             "upstream": {"host": "127.0.0.1", "port": upstream_port, "ca_file": str(ca_file), "timeout": 10},
             "ledger": {"url": f"sqlite:///{self.ledger_path}"},
             "spf": {"enabled": False},
-            "gate": {"socket": str(self.socket_path), "request_timeout": 10},
+            "gate": {"socket": str(self.socket_path), "request_timeout": 10, "user": users.gate.name},
             "log": {"syslog": False, "file": str(self.log_path)},
         }
         if credentials:

@@ -107,7 +107,7 @@ def test_gate_will_not_listen_where_others_could_replace_the_socket(deployment: 
         deployment.start_gate(activated=False)
     assert deployment.gate_errors() == (
         f"sendmail-shim: {directory} can be written by users other than root and the gate, so they could "
-        f"replace the socket; run: chown root {directory} && chmod 755 {directory}\n")
+        f"replace the socket; run: chown {deployment.users.gate.name} {directory} && chmod 755 {directory}\n")
 
 
 def test_gate_will_not_start_on_a_ledger_that_is_not_upgraded(deployment: Deployment) -> None:
@@ -140,14 +140,37 @@ def test_fifty_callers_at_once_each_message_sent_once(deployment: Deployment, re
     assert peak_kb <= 100 * 1024
 
 
-def test_admin_cli_serve_runs_the_gate(deployment: Deployment, relay: SmtpUpstream) -> None:
+ADMIN_CLI = "from sendmail_shim.cli import main; main()"
+
+
+def test_serve_as_root_refuses_to_run_without_a_user_to_become(deployment: Deployment) -> None:
+    if not IS_ROOT:
+        pytest.skip("needs root")
     env = dict(os.environ, SENDMAIL_SHIM_CONFIG=str(deployment.config_path))
-    serve = subprocess.Popen([ADMIN, "serve"], env=env, stderr=subprocess.PIPE, cwd="/")
+    refused = subprocess.run([ADMIN, "serve"], env=env, capture_output=True, text=True, cwd="/", timeout=60)
+    assert refused.returncode == 78
+    assert refused.stderr == ("sendmail-shim: the gate will not run as root: start it with --user USER to become "
+                              "the gate's own user once the start checks are done (sendmail-shim serve --user "
+                              "sendmail-shim, as the packaged unit does), or start it as that user\n")
+    assert not deployment.socket_path.exists()
+
+
+@needs_users
+def test_admin_cli_serve_as_root_drops_to_the_gates_user(deployment: Deployment, relay: SmtpUpstream) -> None:
+    _own_socket_directory(deployment)
+    serve = subprocess.Popen([deployment.python.executable, "-c", ADMIN_CLI, "serve", "--user",
+                              deployment.users.gate.name],
+                             env=deployment.gate_env(), stderr=subprocess.PIPE, cwd="/")
     try:
         deadline = time.monotonic() + 30
         while not deployment.socket_path.exists() and serve.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert serve.poll() is None, serve.communicate()[1]
+        fields = proc_status(serve.pid)
+        assert fields["Uid"].split() == [str(deployment.users.gate.uid)] * 4
+        assert fields["Gid"].split() == [str(deployment.users.gate.gid)] * 4
+        assert fields["Groups"].split() == [] and fields["CapEff"] == "0" * 16
+        assert os.stat(deployment.socket_path).st_uid == deployment.users.gate.uid
         assert deployment.sendmail("-t", "-i", input=message()).code == 0
     finally:
         serve.send_signal(signal.SIGTERM)
