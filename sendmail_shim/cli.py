@@ -296,15 +296,37 @@ def customer() -> None:
     """Customers and the Unix users their sites run as."""
 
 
+def allow_missing_user_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--allow-missing-user", is_flag=True,
+                        help="Bind a Unix user that does not exist on this server (yet).")(function)
+
+
+def require_unix_users(names: Sequence[str], allow_missing: bool) -> None:
+    """A binding to a user this server does not have is usually a typo: nobody would ever match it."""
+    import pwd
+
+    from .ledger import InvalidInput
+
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            if not allow_missing:
+                raise InvalidInput(f"there is no Unix user named {name} on this server; check the name, "
+                                   f"or bind it ahead of its creation with --allow-missing-user") from None
+
+
 @customer.command("add", epilog=example("sendmail-shim customer add kunde1 --unix-user web1"))
 @click.argument("customer_id", metavar="ID")
 @click.option("--unix-user", "unix_users", multiple=True, metavar="USER",
-              help="A Unix user whose sites send for this customer (repeatable).")
+              help="A Unix user whose sites send for this customer (repeatable); it must exist.")
+@allow_missing_user_option
 @json_option
 @pass_state
-def customer_add(state: State, customer_id: str, unix_users: tuple[str, ...],
+def customer_add(state: State, customer_id: str, unix_users: tuple[str, ...], allow_missing_user: bool,
                  as_json: bool) -> None:
     """Add a customer (or keep an existing one) and bind Unix users to it."""
+    require_unix_users(unix_users, allow_missing_user)
     found = state.ledger.add_customer(customer_id, unix_users, actor=state.actor)
     show(as_json, customer_doc(found), _customer_text(found))
 
@@ -318,10 +340,12 @@ def _customer_text(found: Customer) -> str:
 @customer.command("bind", epilog=example("sendmail-shim customer bind kunde1 web2"))
 @click.argument("customer_id", metavar="ID")
 @click.argument("unix_user", metavar="USER")
+@allow_missing_user_option
 @json_option
 @pass_state
-def customer_bind(state: State, customer_id: str, unix_user: str, as_json: bool) -> None:
+def customer_bind(state: State, customer_id: str, unix_user: str, allow_missing_user: bool, as_json: bool) -> None:
     """Bind a Unix user to a customer: its sites may send only from that customer's accounts."""
+    require_unix_users([unix_user], allow_missing_user)
     found = state.ledger.bind_user(customer_id, unix_user, actor=state.actor)
     show(as_json, customer_doc(found), _customer_text(found))
 

@@ -54,13 +54,13 @@ def test_commands_before_upgrade_say_run_db_upgrade(invoke: Invoke, tmp_path: Pa
 
 
 def test_customers_and_their_unix_users(ready: Invoke) -> None:
-    assert document(ready("customer", "bind", "kunde1", "web2", "--json"))["unix_users"] == \
+    assert document(ready("customer", "bind", "kunde1", "web2", "--allow-missing-user", "--json"))["unix_users"] == \
         ["web1", "web2"]
     assert document(ready("customer", "list", "--json")) == [
         {"id": "kunde1", "unix_users": ["web1", "web2"], "domains": ["kunde.example"],
          "accounts": 1}]
     assert document(ready("customer", "unbind", "web2", "--json"))["customer"] == "kunde1"
-    assert one_line_error(ready("customer", "add", "kunde2", "--unix-user", "web1"), 65) == (
+    assert one_line_error(ready("customer", "add", "kunde2", "--unix-user", "web1", "--allow-missing-user"), 65) == (
         "the Unix user web1 is bound to customer kunde1; unbind it first "
         "(sendmail-shim customer unbind web1)")
     assert ready("customer", "list").stdout == \
@@ -287,3 +287,17 @@ def test_db_upgrade_can_hand_the_file_to_the_service_user(invoke: Invoke, tmp_pa
         assert (path.stat().st_uid, path.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
     assert one_line_error(invoke("db", "upgrade", "--owner", "no-such-user-here"), 65) == \
         "'no-such-user-here' is not a known user (or group)"
+
+
+def test_binding_a_unix_user_that_does_not_exist_is_65(invoke: Invoke, config_file: Path) -> None:
+    assert invoke("db", "upgrade").exit_code == 0
+    missing = "nosuchuser-shimtest"
+    for args in (("customer", "add", "kunde9", "--unix-user", missing), ("customer", "bind", "kunde9", missing)):
+        assert one_line_error(invoke(*args), 65) == (
+            f"there is no Unix user named {missing} on this server; check the name, "
+            f"or bind it ahead of its creation with --allow-missing-user")
+    assert ledger_of(config_file).list_customers() == []  # nothing was added
+    added = document(invoke("customer", "add", "kunde9", "--unix-user", missing, "--allow-missing-user", "--json"))
+    assert added["unix_users"] == [missing]
+    real = document(invoke("customer", "add", "kunde8", "--unix-user", "root", "--json"))
+    assert real["unix_users"] == ["root"]
