@@ -876,3 +876,33 @@ def serve(state: State, user: str | None, as_json: bool) -> None:
     code = run_gate(state.config, user=user)
     show(as_json, {"ok": code == EX_OK, "exit_code": code}, "the gate has stopped")
     raise SystemExit(code)
+
+
+# ----------------------------------------------------------------- doctor
+
+
+@cli.command("doctor", epilog=example("sudo sendmail-shim doctor --json"))
+@click.option("--gate-user", metavar="USER",
+              help="The gate's Unix user (default: [gate] user, else sendmail-shim).")
+@json_option
+@pass_state
+def doctor(state: State, gate_user: str | None, as_json: bool) -> None:
+    """Check the installation the way a hostile site would: run it as root.
+
+    One line per check: ok, warn or fail, what was found, and the fix. It tries the relay
+    as an unprivileged user without AUTH, checks the modes and owners of the ledger, queue,
+    password file, log, config and the socket's directories, asks the running gate which
+    config it runs, and checks every Unix-user binding, every registered domain's SPF and
+    the relay's certificate. Nothing is changed and no mail is sent. Exit 0 unless a check
+    fails (78).
+    """
+    from . import doctor as doctor_stage
+
+    config = state.config
+    user = gate_user or config.gate.user or "sendmail-shim"
+    checks = doctor_stage.examine(config, user)
+    bad = doctor_stage.failed(checks)
+    show(as_json, {"ok": not bad, "checked_at": iso(time.time()), "config": config.path, "gate_user": user,
+                   "checks": [check.as_dict() for check in checks]}, [check.line for check in checks])
+    if bad:
+        raise SystemExit(EX_CONFIG)

@@ -501,31 +501,35 @@ def _bind(path: str, backlog: int) -> socket.socket:
 
 
 def check_socket_directory(directory: str) -> None:
-    """The socket's directory, and every directory above it, must be safe from other users.
+    """Create the socket's directory if need be; refuse one that other users could change."""
+    if not os.path.isdir(directory):
+        _create_socket_directory(directory)
+    problem = socket_place_problem(directory, os.geteuid(), _gate_user_name())
+    if problem is not None:
+        raise UnsafeSocketPlace(problem)
+
+
+def socket_place_problem(directory: str, gate_uid: int, gate_user: str) -> str | None:
+    """What lets others replace a socket in ``directory`` (None: nothing).
 
     Whoever can rename a directory on the way can put a socket of their own
     in the gate's place: each must belong to root or the gate, and none may
     be writable by others unless it has the sticky bit (as /tmp does). The
     socket's own directory may not be writable by others at all.
     """
-    if not os.path.isdir(directory):
-        _create_socket_directory(directory)
     info = os.stat(directory)
-    if info.st_uid not in (0, os.geteuid()) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeSocketPlace(
-            f"{directory} can be written by users other than root and the gate, so they could "
-            f"replace the socket; run: chown {_gate_user_name()} {directory} && chmod 755 {directory}"
-        )
+    if info.st_uid not in (0, gate_uid) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"{directory} can be written by users other than root and the gate, so they could "
+                f"replace the socket; run: chown {gate_user} {directory} && chmod 755 {directory}")
     for parent in _parents(directory):
         found = os.stat(parent)
         writable = found.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not found.st_mode & stat.S_ISVTX
-        if found.st_uid not in (0, os.geteuid()) or writable:
-            raise UnsafeSocketPlace(
-                f"{parent}, above the socket's directory {directory}, can be changed by other users "
-                f"(owner uid {found.st_uid}, mode {stat.S_IMODE(found.st_mode):04o}), so they could replace "
-                f"the socket's directory; choose a socket under a directory only root can change, "
-                f"such as /run/sendmail-shim"
-            )
+        if found.st_uid not in (0, gate_uid) or writable:
+            return (f"{parent}, above the socket's directory {directory}, can be changed by other users "
+                    f"(owner uid {found.st_uid}, mode {stat.S_IMODE(found.st_mode):04o}), so they could replace "
+                    f"the socket's directory; choose a socket under a directory only root can change, "
+                    f"such as /run/sendmail-shim")
+    return None
 
 
 def _parents(directory: str) -> list[str]:

@@ -277,6 +277,28 @@ def submit(target: GateTarget, argv: list[str], chunks: Iterable[bytes]) -> prot
         sock.close()
 
 
+def ask(target: GateTarget, question: str) -> dict[str, object]:
+    """The gate's answer to a QUERY (see gate_protocol), e.g. ``status``; only root and the gate may ask."""
+    import json
+
+    sock = connect(target)
+    try:
+        deadline = time.monotonic() + target.timeout
+        protocol.read_frame(sock, deadline, protocol.GREETING)
+        sock.sendall(protocol.frame(protocol.QUERY, question.encode()))
+        kind, payload = protocol.read_frame(sock, deadline, protocol.STATUS + protocol.VERDICT)
+        if kind == protocol.VERDICT:
+            raise GateMismatch(protocol.WireVerdict.decode(payload).line or "the gate refused the question")
+        answer = json.loads(payload)
+    except (protocol.ProtocolError, OSError, ValueError) as exc:
+        raise GateNoVerdict(f"the mail gate did not answer the question {question!r} ({exc})") from None
+    finally:
+        sock.close()
+    if not isinstance(answer, dict):
+        raise GateMismatch(f"the mail gate answered {question!r} with something other than an object")
+    return answer
+
+
 # A full listen backlog (EAGAIN) is worth waiting for: first 5 ms, doubling up to 200 ms,
 # each wait jittered by a factor in [0.5, 1.5] so that waiting callers do not retry in step.
 FIRST_RETRY, LONGEST_RETRY = 0.005, 0.2

@@ -26,7 +26,7 @@ import os
 import pwd
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,26 +195,40 @@ def connect_as(user: Identity, host: str, port: int, timeout: float) -> tuple[bo
         addresses = [(info[0], info[4]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
     except OSError as exc:
         return False, f"cannot resolve {host} ({exc.strerror or exc})"
+    report = run_as(user, lambda: _connect_any(addresses, timeout))
+    return report.startswith("connected"), report
+
+
+def run_as(user: Identity, work: Callable[[], str]) -> str:
+    """``work()``'s report, as a forked child that became ``user`` alone (groups, gid, uid) first."""
+    import encodings.idna  # noqa: F401 - the child may no longer read the library to import it
+    import smtplib  # noqa: F401
+
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through the pipe
         os.close(reader)
-        os.write(writer, _child_connect(user, addresses, timeout).encode("utf-8", "replace")[:512])
+        try:
+            os.setgroups([])
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+        except OSError as exc:
+            report = f"cannot become {user.name} ({exc.strerror})"
+        else:
+            try:
+                report = work()
+            except BaseException as exc:  # noqa: BLE001 - whatever happens, the parent must hear of it
+                report = f"the probe failed ({type(exc).__name__}: {exc})"
+        os.write(writer, report.encode("utf-8", "replace")[:1024])
         os._exit(0)
     os.close(writer)
     with os.fdopen(reader, "rb") as pipe:
         report = pipe.read().decode("utf-8", "replace")
     os.waitpid(pid, 0)
-    return report.startswith("connected"), report or "the probe process died"
+    return report or "the probe process died"
 
 
-def _child_connect(user: Identity, addresses: Sequence[tuple[int, Any]], timeout: float) -> str:
-    try:
-        os.setgroups([])
-        os.setgid(user.gid)
-        os.setuid(user.uid)
-    except OSError as exc:
-        return f"cannot become {user.name} ({exc.strerror})"
+def _connect_any(addresses: Sequence[tuple[int, Any]], timeout: float) -> str:
     reason = "no address"
     for family, address in addresses:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
