@@ -105,8 +105,15 @@ class GateTarget:
 
 
 def run_via_gate(invocation: Invocation, config: Config, stdin: BinaryIO, stdout: BinaryIO,
-                 stderr: TextIO) -> int:
-    """Send what ``invocation`` and stdin describe through the gate; return the exit code."""
+                 stderr: TextIO, argv: list[str] | None = None) -> int:
+    """Send what ``invocation`` and stdin describe through the gate; return the exit code.
+
+    ``argv`` is the command line as given: its size is checked as the fast path checks it.
+    """
+    too_long = argv is not None and protocol.argv_too_long(
+        [len(os.fsencode(arg)) for arg in [os.path.basename(argv[0]) or PROGRAM, *argv[1:]]])
+    if too_long:
+        return _say(stderr, too_long, os.EX_USAGE)
     target = GateTarget.from_config(config)
     if invocation.mode == "smtp":
         return _smtp_session(invocation, target, stdin, stdout)
