@@ -605,6 +605,7 @@ class Gate:
         guard.on_refuted = self._refuted
         self.per_uid: dict[int, int] = {}
         self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last line, refusals since)
+        self._busy_frames: dict[tuple[int, bool], bytes] = {}
         self.lock = threading.Lock()
         self.idle = threading.Condition(self.lock)
         self.stopping = threading.Event()
@@ -645,9 +646,14 @@ class Gate:
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
-        # Everything here runs in the one accepting thread: a flood of over-cap connections
-        # must cost a few system calls each, never a name lookup or a log line.
+        # Everything here runs in the one accepting thread: a flood of connections must cost a
+        # few system calls each, never a thread, a name lookup or a log line, or the backlog
+        # fills and other users' callers find no slot.
         pid, uid = peer_credentials(conn)
+        if _hung_up(conn):  # connected and gone again before saying anything: nothing to serve
+            conn.close()
+            self._log_busy(uid, "closed before the greeting")
+            return
         limit = self.config.gate.max_connections_per_uid
         with self.lock:
             mine, total = self.per_uid.get(uid, 0), sum(self.per_uid.values())
@@ -665,27 +671,36 @@ class Gate:
             self._refuse_busy(conn, uid, False)
 
     def _refuse_busy(self, conn: socket.socket, uid: int, over_own_limit: bool) -> None:
-        if over_own_limit:
-            line = (f"not sent: the Unix user {_user_label(uid)} already has "
-                    f"{self.config.gate.max_connections_per_uid} messages in progress at the mail gate, "
-                    f"the most allowed at once; try again in a moment")
-        else:
-            line = "not sent: the mail gate is busy with as many messages as it takes at once; try again in a moment"
-        with contextlib.suppress(OSError):
-            conn.setblocking(False)  # a fresh socket's buffer takes one small frame
-            conn.send(protocol.frame(protocol.VERDICT, _wire(os.EX_UNAVAILABLE, line).encode()))
+        """Answer 69 and close, at once: a prepared frame, one send that never waits."""
+        with contextlib.suppress(OSError):  # a fresh socket's buffer takes one small frame
+            conn.send(self._busy_frame(uid, over_own_limit), socket.MSG_DONTWAIT)
         conn.close()
-        self._log_busy(uid, over_own_limit)
+        self._log_busy(uid, "per-user limit" if over_own_limit else "gate full")
 
-    def _log_busy(self, uid: int, over_own_limit: bool) -> None:
+    def _busy_frame(self, uid: int, over_own_limit: bool) -> bytes:
+        key = (uid, over_own_limit)
+        frame = self._busy_frames.get(key)
+        if frame is None:
+            if over_own_limit:
+                line = (f"not sent: the Unix user {_user_label(uid)} already has "
+                        f"{self.config.gate.max_connections_per_uid} messages in progress at the mail gate, "
+                        f"the most allowed at once; try again in a moment")
+            else:
+                line = ("not sent: the mail gate is busy with as many messages as it takes at once; "
+                        "try again in a moment")
+            frame = protocol.frame(protocol.VERDICT, _wire(os.EX_UNAVAILABLE, line).encode())
+            if len(self._busy_frames) < 4096:
+                self._busy_frames[key] = frame
+        return frame
+
+    def _log_busy(self, uid: int, reason: str) -> None:
         now = time.monotonic()
         last, count = self._busy_logged.get(uid, (-BUSY_LOG_INTERVAL, 0))
         if now - last < BUSY_LOG_INTERVAL:
             self._busy_logged[uid] = (last, count + 1)
             return
         self._busy_logged[uid] = (now, 0)
-        _log(self.config, "notice", event="gate-busy", uid=uid, code=69, refused_since_last=count,
-             reason="per-user limit" if over_own_limit else "gate full")
+        _log(self.config, "notice", event="gate-busy", uid=uid, refused_since_last=count, reason=reason)
 
     def _release(self, uid: int) -> None:
         with self.lock:
@@ -710,6 +725,15 @@ class Gate:
         finally:
             conn.close()
             self._release(uid)
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int]:

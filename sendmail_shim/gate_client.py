@@ -308,16 +308,22 @@ def ask(target: GateTarget, question: str) -> dict[str, object]:
 
 # A full listen backlog (EAGAIN) is worth waiting for: first 5 ms, doubling up to 200 ms,
 # each wait jittered by a factor in [0.5, 1.5] so that waiting callers do not retry in step.
+# Each wait is spent inside connect() itself (SO_SNDTIMEO): the kernel queues waiting
+# connects and hands each slot that frees to the longest waiter, so a caller that slept
+# instead would lose every slot to a flood of blocking connects.
 FIRST_RETRY, LONGEST_RETRY = 0.005, 0.2
 
 
 def connect(target: GateTarget) -> _socket.socket:
     """A connection to the gate, its peer checked before anything is sent on it."""
     started = time.monotonic()
-    delay = FIRST_RETRY
+    delay, wait = FIRST_RETRY, 0.0
     while True:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        sock.settimeout(target.timeout)
+        if wait:
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _timeval(wait))
+        else:
+            sock.settimeout(target.timeout)
         try:
             sock.connect(target.socket_path)
             break
@@ -327,17 +333,25 @@ def connect(target: GateTarget) -> _socket.socket:
             if waited >= target.timeout:
                 raise GateBusy(f"not sent: the mail gate at {target.socket_path} is busy (no connection "
                                f"slot for {round(waited, 1):g} s); try again in a moment") from None
-            time.sleep(min(delay * _jitter(), target.timeout - waited))
+            wait = max(min(delay * _jitter(), target.timeout - waited), 0.001)
             delay = min(delay * 2, LONGEST_RETRY)
         except OSError as exc:
             sock.close()
             raise _not_running(target, exc) from None
+    sock.settimeout(target.timeout)
     try:
         check_peer(sock, target)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _timeval(seconds: float) -> bytes:
+    import struct  # only a caller that has to wait pays for it
+
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
 
 
 def _not_running(target: GateTarget, exc: OSError) -> GateUnreachable:
