@@ -198,9 +198,13 @@ def test_socket_unit_makes_the_socket_every_site_can_reach_and_none_can_replace(
 
 def test_service_unit_runs_the_gate_as_its_own_user_with_the_usual_config() -> None:
     service = _unit("sendmail-shim-gate.service")["Service"]
-    assert service["ExecStart"].split()[-1] == "serve"
+    # Started as root for the egress probe only; the gate becomes sendmail-shim before it serves
+    # (test_admin_cli_serve_as_root_drops_to_the_gates_user shows the process it becomes).
+    assert service["ExecStart"].split()[-3:] == ["serve", "--user", "sendmail-shim"]
     assert service["ExecStart"].split()[0].endswith("sendmail-shim")
-    assert service["User"] == "sendmail-shim" and service["Type"] == "notify"
+    assert service.get("User", "root") == "root" and service["Type"] == "notify"
+    assert service["CapabilityBoundingSet"].split() == ["CAP_SETUID", "CAP_SETGID"]
+    assert service["NoNewPrivileges"] == "yes" and service["RestartPreventExitStatus"] == "78"
     assert service["UMask"] == "0077"
     assert _unit("sendmail-shim-gate.service")["Unit"]["Requires"] == "sendmail-shim-gate.socket"
 
