@@ -881,7 +881,7 @@ def serve(state: State, user: str | None, as_json: bool) -> None:
 # ----------------------------------------------------------------- doctor
 
 
-@cli.command("doctor", epilog=example("sudo sendmail-shim doctor --json"))
+@cli.command("doctor", epilog=example("sendmail-shim doctor --json"))
 @click.option("--gate-user", metavar="USER",
               help="The gate's Unix user (default: [gate] user, else sendmail-shim).")
 @json_option
