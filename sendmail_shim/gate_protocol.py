@@ -36,6 +36,11 @@ connects, and the gate answers a request past either bound with exit 64 and
 the same line (``argv_too_long``). The message may not exceed the gate's
 ``[message] max_size``.
 
+A connect refused for a full listen backlog (EAGAIN) is retried with jittered
+backoff (5 ms doubling to 200 ms, each wait times a factor in [0.5, 1.5])
+until ``[gate] request_timeout``, each wait spent inside ``connect()``; then
+``sendmail`` says the gate is busy (69), not that it is not running.
+
 Before one byte is sent, ``sendmail`` checks who listens: the peer's uid
 (``SO_PEERCRED``) must be 0 or the gate's (``[gate] user``, else the owner of
 the socket file). A process of any other user is never sent a message.
