@@ -34,7 +34,8 @@ def test_make_test_runs_with_a_decoy_gate_on_the_default_socket() -> None:
         pytest.skip("make test runs the suite under scripts/private-root --decoy; this run is not")
     info = os.stat("/run/sendmail-shim/gate.sock")
     assert stat.S_ISSOCK(info.st_mode)
-    assert 'socket = "/run/sendmail-shim/gate.sock"' in open("/etc/sendmail-shim/config.toml").read()
+    with open("/etc/sendmail-shim/config.toml") as decoy_config:
+        assert 'socket = "/run/sendmail-shim/gate.sock"' in decoy_config.read()
     # The decoy is not talked to here: any connection, this test's too, would fail the run.
 
 
@@ -56,8 +57,8 @@ def test_the_decoy_fails_a_run_that_reaches_the_default_socket() -> None:
 @needs_namespaces
 def test_a_private_root_hides_and_protects_the_machines_own_places() -> None:
     before = _outside_state()
-    script = ("import os; [open(os.path.join(p, 'written-by-a-test'), 'w').write('x') for p in %r]; "
-              "print(sorted(os.listdir('/etc/sendmail-shim')))" % (DEFAULT_PLACES,))
+    script = (f"import os; [open(os.path.join(p, 'written-by-a-test'), 'w').write('x') for p in {DEFAULT_PLACES!r}]; "
+              "print(sorted(os.listdir('/etc/sendmail-shim')))")
     inside = subprocess.run([*private_root(), sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=60)
     assert inside.returncode == 0, inside.stderr
