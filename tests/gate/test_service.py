@@ -221,3 +221,56 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120, cwd=tmp_path,
                             env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"})
     assert (result.returncode, result.stderr) == (0, "")
+
+
+@needs_users
+def test_a_missing_socket_directory_says_which_ownership_works(deployment: Deployment) -> None:
+    directory = deployment.run_dir / "missing"  # in root's 0755 directory: the gate cannot make it
+    deployment.configure("gate", socket=str(directory / "gate.sock"))
+    with pytest.raises(RuntimeError, match="exited with 78"):
+        deployment.start_gate(activated=False)
+    gate_user = deployment.users.gate.name
+    assert deployment.gate_errors() == (
+        f"sendmail-shim: cannot create {directory} (Permission denied); create it owned by the gate's user, "
+        f"mode 0755 (run: install -d -o {gate_user} -m 0755 {directory}), or use the packaged systemd units: "
+        f"sendmail-shim-gate.socket creates it\n")
+    subprocess.run(["install", "-d", "-o", gate_user, "-m", "0755", str(directory)], check=True)
+    deployment.socket_path = directory / "gate.sock"
+    deployment.start_gate(activated=False)  # the fix it gave works
+    assert deployment.sendmail("-t", "-i", input=message()).code == 0
+
+
+@needs_users
+@pytest.mark.parametrize(("mode", "starts"), [(0o777, False), (0o775, False), (0o1777, True)],
+                         ids=["world-writable", "group-writable", "sticky like /tmp"])
+def test_gate_refuses_a_socket_under_a_parent_others_can_change(deployment: Deployment, mode: int,
+                                                                starts: bool) -> None:
+    parent = deployment.run_dir / "shared"
+    parent.mkdir()
+    os.chmod(parent, mode)
+    directory = parent / "gate"
+    directory.mkdir(mode=0o755)
+    deployment.give_to_gate(directory)
+    deployment.socket_path = directory / "gate.sock"
+    deployment.configure("gate", socket=str(deployment.socket_path))
+    if starts:
+        deployment.start_gate(activated=False)
+        assert deployment.sendmail("-t", "-i", input=message()).code == 0
+        return
+    with pytest.raises(RuntimeError, match="exited with 78"):
+        deployment.start_gate(activated=False)
+    assert deployment.gate_errors() == (
+        f"sendmail-shim: {parent}, above the socket's directory {directory}, can be changed by other users "
+        f"(owner uid 0, mode {mode:04o}), so they could replace the socket's directory; choose a socket under "
+        f"a directory only root can change, such as /run/sendmail-shim\n")
+
+
+def test_the_backlog_is_the_configured_one_capped_by_somaxconn(deployment: Deployment) -> None:
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    directory = _own_socket_directory(deployment)
+    for wanted, used in ((64, 64), (65535, min(65535, somaxconn))):
+        deployment.configure("gate", backlog=wanted)
+        deployment.start_gate(activated=False)
+        assert f"backlog={used}" in deployment.wait_for_log(f"backlog={used}")
+        deployment.stop_gate()
+    assert directory.exists()

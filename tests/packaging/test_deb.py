@@ -109,6 +109,23 @@ def test_the_config_is_a_conffile_that_an_upgrade_keeps(built: Built) -> None:
     assert "/etc/sendmail-shim/config.toml" in conffiles.split()
 
 
+def test_the_egress_rule_is_shipped_as_a_conffile_and_not_loaded(built: Built) -> None:
+    shipped = built.root / "etc/sendmail-shim/egress.nft"
+    assert shipped.read_bytes() == (REPO / "packaging/nftables/egress.nft").read_bytes()  # as tested in a netns
+    listing = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(built.deb)], capture_output=True, check=True)
+    control = {}
+    for name in ("conffiles", "postinst"):
+        control[name] = subprocess.run(["tar", "-xOf", "-", f"./{name}"], input=listing.stdout,
+                                       capture_output=True).stdout.decode()
+    assert "/etc/sendmail-shim/egress.nft" in control["conffiles"].split()
+    assert "nft" not in control["postinst"]  # installed, not enabled: the admin loads it
+
+
+def test_the_shipped_config_names_the_gates_user(built: Built) -> None:
+    text = (built.root / "etc/sendmail-shim/config.toml").read_text()
+    assert tomllib.loads(text)["gate"] == {"socket": "/run/sendmail-shim/gate.sock", "user": "sendmail-shim"}
+
+
 def test_the_shipped_config_sends_nothing_until_the_upstream_is_set(built: Built) -> None:
     path = built.root / "etc/sendmail-shim/config.toml"
     tomllib.loads(path.read_text())  # valid TOML
