@@ -85,6 +85,10 @@ def check_relay_from_a_stranger(context: Context) -> list[Check]:
     exclude = (0, context.gate.uid) if context.gate else (0,)
     stranger = trust.Identity.probe_user(exclude=exclude)
     upstream = Upstream(context.config.upstream, context.config.path)
+    try:
+        _ = upstream.tls_context  # loaded here: the stranger need not be able to read the CA file
+    except Exception as exc:  # noqa: BLE001 - a ConfigError naming ca_file; the certificate check says more
+        return [Check(name, WARN, f"not checked: {exc}", "fix [upstream] ca_file, then run doctor again")]
     report = trust.run_as(stranger, lambda: _mail_without_auth(upstream))
     where = f"{context.config.upstream.host}:{context.config.upstream.port}"
     if report.startswith("2"):

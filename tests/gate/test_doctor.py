@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,6 @@ def doctor(dep: Deployment) -> tuple[int, dict[str, list[dict[str, str]]], str]:
 def status_of(found: dict[str, list[dict[str, str]]], name: str) -> str:
     statuses = {check["status"] for check in found[name]}
     return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "ok"
-
-
-@pytest.fixture
-def open_relay(ca: trustme.CA) -> Iterator[SmtpUpstream]:
-    """A relay that trusts the web server's address: it takes mail without AUTH."""
-    with SmtpUpstream(ca, credentials=("relay-user", "s3cret-relay-pw"), trust_addresses=True) as server:
-        yield server
 
 
 def test_a_sound_installation_has_no_failure(gate: Deployment, relay: SmtpUpstream) -> None:

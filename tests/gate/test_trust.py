@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import trustme
 
@@ -32,13 +30,6 @@ for n in range(30):
             accepted += 1
 print(accepted)
 """
-
-
-@pytest.fixture
-def open_relay(ca: trustme.CA) -> Iterator[SmtpUpstream]:
-    """A relay that trusts the web server's address: AUTH is offered but not required."""
-    with SmtpUpstream(ca, credentials=(RELAY_USER, RELAY_PASSWORD), trust_addresses=True) as server:
-        yield server
 
 
 def _refusal(dep: Deployment) -> str:
