@@ -8,7 +8,11 @@ and one stderr line. The gate learns who is calling from the kernel.
 
 A gate that cannot be reached is exit 69 with a line saying so, never a
 fallback to sending in-process (that would need the secrets this process
-must not have) and never 75 (PHP 8.5 reads 75 as success).
+must not have) and never 75 (PHP 8.5 reads 75 as success). A full backlog is
+waited out until the timeout ("busy", not "not running"). Before a byte is
+sent, the peer on the socket must be root or the gate's user: a fake gate of
+another user learns nothing. An argument list past the protocol's bounds is
+64 before anything is connected. ``gate_protocol`` has the exact rules.
 
 Only the standard library, and only what this path needs, is imported: this
 runs once per PHP ``mail()`` call.
