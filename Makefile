@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml scripts/bootstrap
 demo: setup
 	$(PY) scripts/demo.py
 
+# Under a private root: the default places are empty tmpfs, and a decoy gate on the default
+# socket fails the run if any test reaches it (scripts/private-root).
 test: setup
-	$(VENV)/bin/pytest
+	scripts/private-root --decoy $(VENV)/bin/pytest
 
 lint: setup
 	$(VENV)/bin/ruff check sendmail_shim tests scripts

@@ -94,6 +94,9 @@ class Client:
         return elapsed
 
 
+GATE_USER = "nobody"  # the gate's own user when the benchmark runs as root (serve refuses root)
+
+
 class Bench:
     def __init__(self, workdir: Path, upstream: SmtpUpstream, ca_file: Path) -> None:
         self.dir, self.upstream, self.ca_file = workdir, upstream, ca_file
@@ -107,13 +110,17 @@ class Bench:
     def config(self, name: str, gate: bool) -> Path:
         sections: dict[str, dict[str, Any]] = {
             "upstream": {"host": "127.0.0.1", "port": self.upstream.port, "ca_file": str(self.ca_file)},
-            "ledger": {"url": f"sqlite:///{self.dir / 'ledger.db'}"},
+            "ledger": {"url": f"sqlite:///{self.dir / (name + '.db')}"},
             "spf": {"enabled": False},
             "limits": {"account": GENEROUS, "customer": GENEROUS},
-            "log": {"syslog": False, "file": str(self.dir / "decisions.log")},
+            "log": {"syslog": False, "file": str(self.dir / (name + '.log'))},
         }
         if gate:
-            sections["gate"] = {"socket": str(self.socket), "max_connections_per_uid": 64}
+            # The upstream here takes mail without AUTH: one customer on one machine.
+            sections["gate"] = {"socket": str(self.socket), "max_connections_per_uid": 64,
+                                "trust": "single-tenant"}
+            if os.geteuid() == 0:  # as packaged: sendmail checks the peer against [gate] user
+                sections["gate"]["user"] = GATE_USER
         path = self.dir / name
         path.write_text(dump_toml(sections))
         return path
@@ -122,19 +129,35 @@ class Bench:
     def socket(self) -> Path:
         return self.dir / "run" / "gate.sock"
 
-    def set_up_ledger(self, config: Path) -> None:
+    def set_up_ledger(self, config: Path, owner: str | None = None) -> None:
         import pwd
 
         me = pwd.getpwuid(os.geteuid()).pw_name
         env = dict(self.base_env, SENDMAIL_SHIM_CONFIG=str(config))
-        for step in (["db", "upgrade"], ["customer", "add", "bench", "--unix-user", me],
+        upgrade = ["db", "upgrade", *(["--owner", owner] if owner else [])]
+        for step in (upgrade, ["customer", "add", "bench", "--unix-user", me],
                      ["account", "add", "post@a.example", "--customer", "bench", "--authenticated"]):
             subprocess.run([ADMIN, *step], env=env, check=True, capture_output=True)
 
     def start_gate(self, config: Path) -> int:
-        (self.dir / "run").mkdir(mode=0o755, exist_ok=True)
+        """The gate as packaged: started as root, it becomes a user of its own (here: nobody)."""
+        run = self.dir / "run"
+        run.mkdir(mode=0o755, exist_ok=True)
+        command = [sys.executable, "-m", "sendmail_shim.gate"]
         env = dict(self.base_env, SENDMAIL_SHIM_CONFIG=str(config))
-        self.gate = subprocess.Popen([sys.executable, "-m", "sendmail_shim.gate"], env=env,
+        if os.geteuid() == 0:
+            import pwd
+
+            from tests.gate.deployment import User, find_interpreter
+
+            entry = pwd.getpwnam(GATE_USER)
+            self.dir.chmod(0o755)
+            os.chown(run, entry.pw_uid, -1)
+            # A Python the gate's user can still import from once it has given up root.
+            python = find_interpreter(User(GATE_USER, entry.pw_uid, entry.pw_gid))
+            command = [python.executable, "-m", "sendmail_shim.gate", "--user", GATE_USER]
+            env.update({k: v for k, v in python.env().items() if k == "PYTHONPATH"})
+        self.gate = subprocess.Popen(command, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
         while not self.socket.exists():
@@ -177,7 +200,8 @@ class Bench:
 
     def clients(self) -> list[Client]:
         gate_config, local_config = self.config("gate.toml", True), self.config("local.toml", False)
-        self.set_up_ledger(gate_config)
+        self.set_up_ledger(gate_config, GATE_USER if os.geteuid() == 0 else None)
+        self.set_up_ledger(local_config)
         self.start_gate(gate_config)
         gate_env = dict(self.base_env, SENDMAIL_SHIM_CONFIG=str(gate_config))
         msmtp = shutil.which("msmtp")

@@ -182,7 +182,12 @@ def render_sendmail() -> str:
             "error.\n\n"
             "With [gate] socket set in the configuration, sendmail hands argv and the message to the "
             "gate, a local service running as its own user, and prints the gate's verdict; it then "
-            "reads no secret and opens no ledger itself.\n\n"
+            "reads no secret and opens no ledger itself. Before it sends a byte it checks that the "
+            "process on the socket runs as root or as the gate's user ([gate] user, else the socket's "
+            "owner); anything else is exit 69 and nothing is sent. A gate whose backlog is full is "
+            "waited for until [gate] request_timeout, then exit 69 saying the gate is busy. An "
+            "argument list of more than 4096 words or 262144 bytes is exit 64 before anything is "
+            "sent.\n\n"
             "sendmail never writes to standard output except in -bs mode and for --help and "
             "--version: PHP passes that output through to the web page."),
         ".SH OPTIONS",
@@ -422,6 +427,18 @@ KEY_TEXT: dict[str, str] = {
                               "Unset: such addresses are refused.",
     "gate.socket": "The gate's UNIX socket. When set, sendmail submits through the gate; unset, it "
                    "runs the checks itself.",
+    "gate.user": "The gate's Unix user. sendmail sends nothing to a process on the socket that runs as "
+                 "any user but this one or root (exit 69), and the gate refuses to run as another. Unset: "
+                 "the owner of the socket file. Set it when systemd binds the socket as root.",
+    "gate.egress": 'Set it to "restricted" when the host firewall lets only the gate\'s user reach the relay '
+                   "(the packaged egress.nft). The gate, started as root with --user, verifies it at start: "
+                   'a connect to the relay as the user nobody must fail. "open": nothing is claimed.',
+    "gate.trust": 'Set it to "single-tenant" to run the gate although the relay takes mail without AUTH and '
+                  "no egress rule is claimed; warned at every start. Only for a server with one customer: "
+                  'with "shared" the gate refuses to start (exit 78) unless the relay requires AUTH or the '
+                  "egress rule is verified.",
+    "gate.backlog": "How many connections may wait for the gate to accept them, capped by the kernel's "
+                    "somaxconn. A caller that finds it full waits for a slot until request_timeout.",
     "gate.allow_unbound": "Whether callers whose Unix user is bound to no customer may send through the gate.",
     "gate.max_connections_per_uid": "How many connections one Unix user may have open to the gate at once.",
     "gate.request_timeout": "Seconds a caller has to deliver its request to the gate.",

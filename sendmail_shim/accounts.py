@@ -13,6 +13,7 @@ ledger it is handed and imports no part of the store.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,12 +112,14 @@ class NotCallersAccount(AccountError):
 
 
 class ForeignFromDomain(AccountError):
-    def __init__(self, from_domain: str, account: Account, domains: set[str]) -> None:
-        self.from_domain, self.account, self.domains = from_domain, account, domains
+    """An identity header (From, Sender, Resent-From, Resent-Sender) names another customer's domain."""
+
+    def __init__(self, from_domain: str, account: Account, domains: set[str], header: str = "From") -> None:
+        self.from_domain, self.account, self.domains, self.header = from_domain, account, domains, header
         own = ", ".join(sorted(domains)[:5]) + (", ..." if len(domains) > 5 else "")
         super().__init__(
-            f"the From address's domain {from_domain} is not one of the sender's domains "
-            f"({own}); use an address of your own domain in From"
+            f"the {header} address's domain {from_domain} is not one of the sender's domains "
+            f"({own}); use an address of your own domain in {header}"
         )
 
 
@@ -136,12 +139,15 @@ def authorise(
     caller: Caller,
     *,
     require_binding: bool = False,
+    identities: Sequence[tuple[str, str]] = (),
 ) -> Account:
     """The account ``sender`` if ``caller`` may send from it with this From domain.
 
     ``sender`` is the canonical envelope sender (``local@domain``, lowercase
     A-label domain); ``from_domain`` likewise, or None when From has no domain
-    of its own. Raises an AccountError naming why not and what to do.
+    of its own. ``identities`` are the other identity headers as (header name,
+    domain): Sender, Resent-From, Resent-Sender follow the same rule as From.
+    Raises an AccountError naming why not and what to do.
     """
     entry = ledger.find_account(sender)
     if entry is None:
@@ -158,8 +164,20 @@ def authorise(
         raise AccountBlocked(account)
     if not account.authenticated:
         raise AccountNotAuthenticated(account)
-    if from_domain is not None and from_domain.lower().rstrip(".") != account.domain:
-        domains = ledger.customer_domains(account.customer_id)
-        if from_domain.lower().rstrip(".") not in domains:
-            raise ForeignFromDomain(from_domain, account, domains)
+    claimed = [("From", from_domain)] if from_domain is not None else []
+    claimed += [(header, domain) for header, domain in identities if header != "From"]
+    _require_own_domains(ledger, account, claimed)
     return account
+
+
+def _require_own_domains(ledger: Ledger, account: Account, claimed: Sequence[tuple[str, str]]) -> None:
+    """The From rule, for every header that names the author: the domain must be the customer's."""
+    domains: set[str] | None = None
+    for header, domain in claimed:
+        wanted = domain.lower().rstrip(".")
+        if wanted == account.domain:
+            continue
+        if domains is None:
+            domains = ledger.customer_domains(account.customer_id)
+        if wanted not in domains:
+            raise ForeignFromDomain(domain, account, domains, header)

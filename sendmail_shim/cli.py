@@ -130,9 +130,9 @@ def iso(at: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC with microseconds (exact), or None."""
     if at is None:
         return None
-    from datetime import UTC, datetime
+    from .gate_protocol import iso_utc
 
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return iso_utc(at)
 
 
 def example(*lines: str) -> str:
@@ -315,15 +315,37 @@ def customer() -> None:
     """Customers and the Unix users their sites run as."""
 
 
+def allow_missing_user_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--allow-missing-user", is_flag=True,
+                        help="Bind a Unix user that does not exist on this server (yet).")(function)
+
+
+def require_unix_users(names: Sequence[str], allow_missing: bool) -> None:
+    """A binding to a user this server does not have is usually a typo: nobody would ever match it."""
+    import pwd
+
+    from .ledger import InvalidInput
+
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            if not allow_missing:
+                raise InvalidInput(f"there is no Unix user named {name} on this server; check the name, "
+                                   f"or bind it ahead of its creation with --allow-missing-user") from None
+
+
 @customer.command("add", epilog=example("sendmail-shim customer add kunde1 --unix-user web1"))
 @click.argument("customer_id", metavar="ID")
 @click.option("--unix-user", "unix_users", multiple=True, metavar="USER",
-              help="A Unix user whose sites send for this customer (repeatable).")
+              help="A Unix user whose sites send for this customer (repeatable); it must exist.")
+@allow_missing_user_option
 @json_option
 @pass_state
-def customer_add(state: State, customer_id: str, unix_users: tuple[str, ...],
+def customer_add(state: State, customer_id: str, unix_users: tuple[str, ...], allow_missing_user: bool,
                  as_json: bool) -> None:
     """Add a customer (or keep an existing one) and bind Unix users to it."""
+    require_unix_users(unix_users, allow_missing_user)
     found = state.ledger.add_customer(customer_id, unix_users, actor=state.actor)
     show(as_json, customer_doc(found), _customer_text(found))
 
@@ -337,10 +359,12 @@ def _customer_text(found: Customer) -> str:
 @customer.command("bind", epilog=example("sendmail-shim customer bind kunde1 web2"))
 @click.argument("customer_id", metavar="ID")
 @click.argument("unix_user", metavar="USER")
+@allow_missing_user_option
 @json_option
 @pass_state
-def customer_bind(state: State, customer_id: str, unix_user: str, as_json: bool) -> None:
+def customer_bind(state: State, customer_id: str, unix_user: str, allow_missing_user: bool, as_json: bool) -> None:
     """Bind a Unix user to a customer: its sites may send only from that customer's accounts."""
+    require_unix_users([unix_user], allow_missing_user)
     found = state.ledger.bind_user(customer_id, unix_user, actor=state.actor)
     show(as_json, customer_doc(found), _customer_text(found))
 
@@ -849,16 +873,52 @@ def queue_run(state: State, ignore_backoff: bool, as_json: bool) -> None:
 # ----------------------------------------------------------------- serve
 
 
-@cli.command("serve", epilog=example("sendmail-shim serve"))
+@cli.command("serve", epilog=example("sendmail-shim serve --user sendmail-shim"))
+@click.option("--user", "user", metavar="USER",
+              help="Started as root: the user to become once the start checks are done (the gate's user).")
 @json_option
 @pass_state
-def serve(state: State, as_json: bool) -> None:
+def serve(state: State, user: str | None, as_json: bool) -> None:
     """Run the gate: the local service that sendmail hands each message to (see docs/gate.md).
 
     It listens on [gate] socket, or on the socket systemd passes, and runs until SIGTERM.
+    It starts only when sites cannot reach the relay without it: the relay requires AUTH
+    (credentials only the gate's user can read), or [gate] egress = "restricted" and the
+    firewall lets only the gate's user reach the relay, or [gate] trust = "single-tenant".
+    It refuses to run as root: started as root, it needs --user.
     """
     from .gate import serve as run_gate
 
-    code = run_gate(state.config)
+    code = run_gate(state.config, user=user)
     show(as_json, {"ok": code == EX_OK, "exit_code": code}, "the gate has stopped")
     raise SystemExit(code)
+
+
+# ----------------------------------------------------------------- doctor
+
+
+@cli.command("doctor", epilog=example("sendmail-shim doctor --json"))
+@click.option("--gate-user", metavar="USER",
+              help="The gate's Unix user (default: [gate] user, else sendmail-shim).")
+@json_option
+@pass_state
+def doctor(state: State, gate_user: str | None, as_json: bool) -> None:
+    """Check the installation the way a hostile site would: run it as root.
+
+    One line per check: ok, warn or fail, what was found, and the fix. It tries the relay
+    as an unprivileged user without AUTH, checks the modes and owners of the ledger, queue,
+    password file, log, config and the socket's directories, asks the running gate which
+    config it runs, and checks every Unix-user binding, every registered domain's SPF and
+    the relay's certificate. Nothing is changed and no mail is sent. Exit 0 unless a check
+    fails (78).
+    """
+    from . import doctor as doctor_stage
+
+    config = state.config
+    user = gate_user or config.gate.user or "sendmail-shim"
+    checks = doctor_stage.examine(config, user)
+    bad = doctor_stage.failed(checks)
+    show(as_json, {"ok": not bad, "checked_at": iso(time.time()), "config": config.path, "gate_user": user,
+                   "checks": [check.as_dict() for check in checks]}, [check.line for check in checks])
+    if bad:
+        raise SystemExit(EX_CONFIG)

@@ -78,9 +78,19 @@ class MessageConfig:
     qualify_domain: str | None = None
 
 
+EGRESS_MODES = ("open", "restricted")
+TRUST_MODES = ("shared", "single-tenant")
+DEFAULT_BACKLOG = 1024
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class GateConfig:
     socket: str | None = None
+    user: str | None = None  # the gate's Unix user: the only peer (besides root) sendmail accepts
+    egress: str = "open"  # "restricted": the host firewall lets only the gate's user reach the relay
+    trust: str = "shared"  # "single-tenant": run without AUTH or an egress rule, warned at every start
+    backlog: int = DEFAULT_BACKLOG
     allow_unbound: bool = False
     max_connections_per_uid: int = 16
     request_timeout: float = 120.0
@@ -112,6 +122,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sha256: str | None = None  # of the file's bytes as loaded: which config a running gate holds
 
 
 def check_private_file(config_path: str, key: str, path: str, info: os.stat_result | None = None) -> None:
@@ -127,8 +138,8 @@ def check_private_file(config_path: str, key: str, path: str, info: os.stat_resu
             info = os.stat(path)
         except OSError as exc:
             raise ConfigError(config_path, key, f"cannot read {path} ({exc.strerror})") from None
-    mode = info.st_mode & 0o7777
-    if mode & 0o077:
+    mode = exposed_mode(info)
+    if mode is not None:
         raise ConfigError(config_path, key, f"{path} is open to other users (mode {mode:04o}, must be 0600); "
                                             f"run: chmod 600 {path}")
     reader = os.geteuid()
@@ -136,6 +147,12 @@ def check_private_file(config_path: str, key: str, path: str, info: os.stat_resu
         raise ConfigError(config_path, key, f"{path} belongs to {_user_label(info.st_uid)}, not to the user "
                                             f"reading it ({_user_label(reader)}) or root; "
                                             f"run: chown {_user_label(reader)} {path}")
+
+
+def exposed_mode(info: os.stat_result) -> int | None:
+    """The permission bits when any group or other bit is set (a secret others can reach), else None."""
+    mode = info.st_mode & 0o7777
+    return mode if mode & 0o077 else None
 
 
 def _user_label(uid: int) -> str:
@@ -156,14 +173,20 @@ def load(path: str | None = None) -> Config:
     path = path or config_path()
     try:
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            content = handle.read()
+        data = tomllib.loads(content.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not valid TOML: not UTF-8 ({exc.reason})") from None
     except FileNotFoundError:
         raise ConfigError(path, None, "file not found (set SENDMAIL_SHIM_CONFIG or create it)") from None
     except PermissionError:
         raise ConfigError(path, None, "permission denied reading the file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, None, f"not valid TOML: {exc}") from None
-    return from_mapping(data, path)
+    import dataclasses
+    import hashlib
+
+    return dataclasses.replace(from_mapping(data, path), sha256=hashlib.sha256(content).hexdigest())
 
 
 def from_mapping(data: dict[str, Any], path: str = "<config>") -> Config:
@@ -239,6 +262,13 @@ class _Section:
             bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
             raise self.error(key, f"must be {bound}, not {value}")
         return int(value)
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices``; the first is the default."""
+        value = self.string(key, choices[0])
+        if value not in choices:
+            raise self.error(key, f"{value!r} is not one of: {', '.join(repr(c) for c in choices)}")
+        return str(value)
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key, (bool,), "true or false")
@@ -418,8 +448,15 @@ def _gate(s: _Section) -> GateConfig:
     socket_path = s.string("socket")
     if socket_path and not socket_path.startswith("/"):
         raise s.error("socket", f"{socket_path!r} must be an absolute path")
+    user = s.string("user")
+    if user is not None and not _USER_NAME.match(user):
+        raise s.error("user", f"{user!r} is not a Unix user name")
     config = GateConfig(
         socket=socket_path,
+        user=user,
+        egress=s.choice("egress", EGRESS_MODES),
+        trust=s.choice("trust", TRUST_MODES),
+        backlog=s.integer("backlog", DEFAULT_BACKLOG, 1, 65535),
         allow_unbound=s.boolean("allow_unbound", False),
         max_connections_per_uid=s.integer("max_connections_per_uid", 16, 1, 10000),
         request_timeout=s.number("request_timeout", 120.0, 1, 3600),

@@ -71,6 +71,10 @@ EXIT_CODES: tuple[tuple[str, int], ...] = (
     (_P + "gate_protocol.ProtocolError", EX_UNAVAILABLE),
     (_P + "gate_protocol.BadFrame", EX_PROTOCOL),
     (_P + "gate_client.GateClientError", EX_UNAVAILABLE),
+    (_P + "gate_client.GateUserUnknown", EX_CONFIG),
+    (_P + "gate_client.ArgumentsTooLong", EX_USAGE),
+    # who can reach the relay
+    (_P + "trust.TrustError", EX_CONFIG),
 )
 _CODE_OF = dict(EXIT_CODES)
 

@@ -14,6 +14,11 @@ at most ``[gate] max_connections_per_uid`` run at once per Unix user and
 ``[message] max_size``. A refused or broken connection never touches the
 ledger or the upstream, and costs other callers nothing.
 
+Before serving, the gate verifies that sites cannot reach the relay past it
+(``trust.py``), refuses to run as root unless told which user to become
+(``--user``, after the checks that need root), and refuses a socket whose
+directory, or any parent, others could replace.
+
 SIGTERM or SIGINT stop accepting, let the requests in progress finish (for at
 most ``SHUTDOWN_GRACE`` seconds) and exit 0. Under systemd the listening
 socket may be handed over (``LISTEN_FDS``, see packaging/systemd), so
@@ -36,14 +41,18 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO, cast
 
-from . import exitcodes, maillog
+from . import __version__, exitcodes, maillog, trust
 from . import gate_protocol as protocol
 from .config import Config, ConfigError, GateConfig, check_private_file
 from .invocation import UsageError, parse_argv
 from .message import MessageError, read_input
 from .pipeline import Caller, Runtime, Verdict, refuse, submit
+from .relay import Upstream, UpstreamUnavailable
 
 MAX_CONNECTIONS = 256  # in all, whoever the callers are; each holds at most one message
+BUSY_LOG_INTERVAL = 10.0  # one gate-busy line per uid this often, with a count: a flood must not flood the log
+TRUST_RETRY_FIRST, TRUST_RETRY_LONGEST = 5.0, 60.0  # re-probing a relay that was down at start
+SOMAXCONN_FILE = "/proc/sys/net/core/somaxconn"
 SHUTDOWN_GRACE = 30.0
 SEND_TIMEOUT = 10.0  # for writing a verdict to a caller that does not read it
 SD_LISTEN_FDS_START = 3
@@ -71,6 +80,10 @@ class ActivationError(GateError):
     """systemd handed over something that is not a UNIX stream socket."""
 
 
+class RootRefused(GateError):
+    """Started as root without a user to become, or told to become a user it cannot."""
+
+
 class LedgerNotReady(GateError):
     """The ledger's schema is not this version's."""
 
@@ -78,51 +91,120 @@ class LedgerNotReady(GateError):
 # ------------------------------------------------------------------ entry points
 
 
-def serve(config: Config, *, ready: Callable[[], None] | None = None) -> int:
+def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] | None = None) -> int:
     """Run the gate until SIGTERM or SIGINT; 0 after a graceful stop.
 
-    ``ready`` is called once the socket accepts connections (default: tell
-    systemd, when it asks with ``NOTIFY_SOCKET``). Raises GateError or
-    ConfigError when the gate cannot start.
+    Started as root, ``user`` is the Unix user the gate becomes once the
+    checks that need root are done. ``ready`` is called once the socket
+    accepts connections (default: tell systemd, when it asks with
+    ``NOTIFY_SOCKET``). Raises GateError, TrustError or ConfigError when the
+    gate cannot start; returns 78 when a relay that was down at start turns
+    out to be open to everyone.
     """
+    identity = serving_identity(config, user)
+    egress, prober = _egress_as_root(config, identity)
+    inherited = _inherited_socket()
+    if os.geteuid() == 0:
+        drop_privileges(identity)
     check_private_files(config)
     runtime = Runtime(config, in_gate=True)
+    guard = TrustGuard(config, identity, runtime, egress, prober)
+    runtime.upstream = guard.upstream
     warm_up(runtime)
-    listener = open_listener(config.gate)
-    gate = Gate(listener, runtime)
+    guard.start()
+    listener = open_listener(config.gate, inherited)
+    gate = Gate(listener, runtime, guard)
     housekeeping = runtime.ledger.housekeeping(lambda event, fields: _log(
         config, "warning" if fields.get("failed") else "info", event=event, **fields))
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: gate.stop())
     _log(config, "info", event="gate-start", socket=listener.where, pid=os.getpid(),
-         uid=os.geteuid(), activated=listener.inherited)
-    if os.geteuid() == 0:
-        _log(config, "warning", event="gate-runs-as-root",
-             reason="run the gate as its own system user (User= in the systemd unit)")
+         uid=os.geteuid(), activated=listener.inherited, backlog=listener.backlog, trust=guard.state)
     (ready or _notify_systemd_ready)()
     housekeeping.start()  # timed-out reservations every minute, pruning every hour
     try:
         gate.run()
     finally:
         housekeeping.stop()
+        guard.close()
         listener.close()
         runtime.ledger.close()
         _log(config, "info", event="gate-stop", socket=listener.where, pid=os.getpid())
-    return os.EX_OK
+    return gate.exit_code
 
 
-def main() -> None:
-    """``python -m sendmail_shim.gate``: the gate with the usual config file."""
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sendmail_shim.gate [--user USER]``: the gate with the usual config file."""
     from .config import load
     from .ledger import LedgerError
 
+    args = sys.argv[1:] if argv is None else argv
+    user = args[1] if len(args) == 2 and args[0] == "--user" else None
+    if args and user is None:
+        sys.stderr.write("usage: python -m sendmail_shim.gate [--user USER]\n")
+        sys.exit(exitcodes.EX_USAGE)
     try:
-        code = serve(load())
-    except (ConfigError, GateError, LedgerError) as exc:
+        code = serve(load(), user=user)
+    except (ConfigError, GateError, LedgerError, trust.TrustError) as exc:
         sys.stderr.write(f"sendmail-shim: {exc}\n")
         code = exitcodes.exit_code_for(exc)
     sys.exit(code)
+
+
+# ------------------------------------------------------------------ who the gate runs as
+
+
+def serving_identity(config: Config, user: str | None) -> trust.Identity:
+    """The user the gate serves as; refuses root, and a user that ``[gate] user`` contradicts."""
+    euid = os.geteuid()
+    if user is None:
+        if euid == 0:
+            raise RootRefused("the gate will not run as root: start it with --user USER to become the "
+                              "gate's own user once the start checks are done (sendmail-shim serve --user "
+                              "sendmail-shim, as the packaged unit does), or start it as that user")
+        identity = trust.Identity.of_uid(euid)
+    else:
+        import pwd
+
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise RootRefused(f"--user {user}: no Unix user of that name") from None
+        identity = trust.Identity(entry.pw_name, entry.pw_uid, entry.pw_gid)
+        if identity.uid == 0:
+            raise RootRefused("--user must name the gate's own user, not root")
+        if euid not in (0, identity.uid):
+            raise RootRefused(f"--user {user} needs the gate to be started as root (it runs as uid {euid})")
+    wanted = config.gate.user
+    if wanted is not None and wanted != identity.name:
+        raise RootRefused(f"[gate] user is {wanted}, but the gate would run as {identity.name}; sendmail "
+                          f"would refuse to talk to it. Start it as {wanted} (--user {wanted}) or fix [gate] user")
+    return identity
+
+
+def drop_privileges(identity: trust.Identity) -> None:
+    """Become ``identity`` for good: no supplementary groups, and no way back to root."""
+    os.setgroups([])
+    os.setgid(identity.gid)
+    os.setuid(identity.uid)  # from root, this clears the saved uid too: setuid(0) must now fail
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:  # pragma: no cover - the kernel would have to be lying
+        raise RootRefused("could not drop root privileges irrevocably; refusing to serve")
+    if os.getresuid() != (identity.uid,) * 3 or os.getresgid() != (identity.gid,) * 3 or os.getgroups():
+        raise RootRefused(f"could not become {identity.name} completely; refusing to serve")
+
+
+def _egress_as_root(config: Config, identity: trust.Identity) -> tuple[trust.Probe | None, Prober | None]:
+    """The egress probe, which must run before root is given up; and a prober for later, if needed."""
+    if os.geteuid() != 0 or config.gate.egress != "restricted" or config.gate.trust == "single-tenant":
+        return None, None
+    probe = trust.egress_probe(config.upstream, identity, may_switch_uid=True)
+    prober = Prober.start(config, identity) if probe.outcome == trust.UNKNOWN else None
+    return probe, prober
 
 
 def warm_up(runtime: Runtime) -> None:
@@ -149,6 +231,157 @@ def _warm_ledger(runtime: Runtime) -> None:
     if status.pending or status.unknown:
         raise LedgerNotReady(f"the ledger {runtime.ledger.where} is not at this version's schema; "
                              f"run: sendmail-shim db upgrade")
+
+
+# ------------------------------------------------------------------ trust in the relay
+
+
+class GuardedUpstream(Upstream):
+    """The upstream, held back while the gate cannot yet tell that the relay is its alone."""
+
+    def __init__(self, runtime: Runtime, guard: TrustGuard) -> None:
+        super().__init__(runtime.config.upstream, runtime.config.path, reuse=True)
+        self.guard = guard
+
+    def send(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        pending = self.guard.pending
+        if pending is not None:
+            # Temporary: with the queue on, the message waits (exit 0) until the relay is verified.
+            raise UpstreamUnavailable(f"the mail gate has not yet verified that only it can reach the relay "
+                                      f"({pending}); nothing was sent", stage="trust")
+        return super().send(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class TrustGuard:
+    """Verifies at start that only the gate can reach the relay, and keeps checking while it cannot tell.
+
+    A relay that is down at start cannot be asked. Refusing to start would
+    turn a relay outage into refused mail for every site, and trusting it
+    unverified would open the gate's bypass: so the gate starts, holds every
+    message back (the queue keeps it, exit 0; without the queue it is 69),
+    and asks again with backoff. Verified: mail flows. Refuted: the gate
+    stops with 78.
+    """
+
+    def __init__(self, config: Config, identity: trust.Identity, runtime: Runtime,
+                 egress: trust.Probe | None, prober: Prober | None) -> None:
+        self.config, self.identity = config, identity
+        self.egress, self.prober = egress, prober
+        self.upstream = GuardedUpstream(runtime, self)
+        self.pending: str | None = None
+        self.state, self.mode = "unverified", ""
+        self.on_refuted: Callable[[], None] = lambda: None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Assess now: raise TrustError when refuted; watch in the background when it cannot be told."""
+        assessment = trust.assess(self.config, self.upstream, self.identity, egress=self.egress)
+        if assessment.outcome == trust.REFUTED:
+            raise trust.refusal(assessment, self.identity)
+        if assessment.outcome == trust.VERIFIED:
+            self._verified(assessment)
+            return
+        self.pending, self.state = assessment.summary, "pending"
+        _log(self.config, "warning", event="gate-trust-pending", reason=assessment.summary,
+             action="holding mail in the queue until the relay can be verified")
+        self._watcher = threading.Thread(target=self._watch, name="gate-trust", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        delay = TRUST_RETRY_FIRST
+        while not self._stopping.wait(delay):
+            egress = self.prober.probe() if self.prober is not None else None
+            assessment = trust.assess(self.config, self.upstream, self.identity, egress=egress)
+            if assessment.outcome == trust.VERIFIED:
+                self._verified(assessment)
+                return
+            if assessment.outcome == trust.REFUTED:
+                self.state = "refuted"
+                line = str(trust.refusal(assessment, self.identity))
+                _log(self.config, "err", event="gate-trust-refuted", reason=line)
+                self.on_refuted()
+                return
+            self.pending = assessment.summary
+            delay = min(delay * 2, TRUST_RETRY_LONGEST)
+
+    def _verified(self, assessment: trust.Assessment) -> None:
+        self.state, self.mode, self.pending = "verified", assessment.mode, None
+        if assessment.mode == "single-tenant":
+            _log(self.config, "warning", event="gate-single-tenant",
+                 reason="[gate] trust = \"single-tenant\": nothing keeps local users from reaching the relay "
+                        "without the gate; never use this on a server with more than one customer")
+        else:
+            _log(self.config, "info", event="gate-trust-verified", mode=assessment.mode, reason=assessment.summary)
+        if self.prober is not None:
+            self.prober.close()
+            self.prober = None
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self.prober is not None:
+            self.prober.close()
+
+
+class Prober:
+    """A root child kept only while a relay that was down at start must still be probed as another user.
+
+    It reads one byte per question on its socket, answers with the egress
+    probe as JSON, and takes no other input; it exits when the gate closes the socket.
+    """
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock, self.pid = sock, pid
+
+    @classmethod
+    def start(cls, config: Config, identity: trust.Identity) -> Prober:
+        mine, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's work is seen through its answers
+            mine.close()
+            os.closerange(3, theirs.fileno())
+            _answer_probes(theirs, config, identity)
+            os._exit(0)
+        theirs.close()
+        return cls(mine, pid)
+
+    def probe(self) -> trust.Probe:
+        import json
+
+        try:
+            self.sock.sendall(b"?")
+            answer = self.sock.makefile("rb").readline()
+            found = json.loads(answer)
+            return trust.Probe(found["outcome"], found["found"])
+        except (OSError, ValueError, KeyError):
+            return trust.Probe(trust.UNKNOWN, "the egress prober is gone")
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _answer_probes(sock: socket.socket, config: Config, identity: trust.Identity) -> None:  # pragma: no cover
+    import json
+
+    while sock.recv(1):
+        probe = trust.egress_probe(config.upstream, identity, may_switch_uid=True)
+        sock.sendall(json.dumps({"outcome": probe.outcome, "found": probe.found}).encode() + b"\n")
+
+
+def gate_status(config: Config, listener: Listener, guard: TrustGuard) -> Callable[[], dict[str, object]]:
+    """The answer to the ``status`` question: non-secret facts only (see gate_protocol)."""
+    started = time.time()
+
+    def status() -> dict[str, object]:
+        return {"version": __version__, "pid": os.getpid(), "uid": os.geteuid(), "user": guard.identity.name,
+                "config": {"path": os.path.abspath(config.path), "sha256": config.sha256,
+                           "loaded_at": protocol.iso_utc(started)},
+                "started_at": protocol.iso_utc(started), "trust": {"state": guard.state, "mode": guard.mode},
+                "socket": listener.where, "backlog": listener.backlog}
+
+    return status
 
 
 # ------------------------------------------------------------------ files the gate guards
@@ -193,8 +426,8 @@ def _mode(path: str) -> int:
 class Listener:
     """The listening socket, bound here or handed over by systemd."""
 
-    def __init__(self, sock: socket.socket, where: str, *, inherited: bool) -> None:
-        self.sock, self.where, self.inherited = sock, where, inherited
+    def __init__(self, sock: socket.socket, where: str, *, inherited: bool, backlog: int | None = None) -> None:
+        self.sock, self.where, self.inherited, self.backlog = sock, where, inherited, backlog
         self._inode = None if inherited else os.stat(where).st_ino
 
     def close(self) -> None:
@@ -207,13 +440,22 @@ class Listener:
                     os.unlink(self.where)
 
 
-def open_listener(config: GateConfig) -> Listener:
-    inherited = _inherited_socket()
+def open_listener(config: GateConfig, inherited: socket.socket | None = None) -> Listener:
     if inherited is not None:
         return Listener(inherited, config.socket or "(systemd socket)", inherited=True)
     if not config.socket:
         raise UnsafeSocketPlace("[gate] socket is not set; set it (e.g. /run/sendmail-shim/gate.sock)")
-    return Listener(_bind(config.socket), config.socket, inherited=False)
+    backlog = listen_backlog(config.backlog)
+    return Listener(_bind(config.socket, backlog), config.socket, inherited=False, backlog=backlog)
+
+
+def listen_backlog(wanted: int) -> int:
+    """``[gate] backlog``, capped by the kernel's ``somaxconn`` as listen(2) would silently do."""
+    try:
+        with open(SOMAXCONN_FILE, encoding="ascii") as handle:
+            return min(wanted, int(handle.read()))
+    except (OSError, ValueError):
+        return wanted
 
 
 def _inherited_socket() -> socket.socket | None:
@@ -233,35 +475,74 @@ def _inherited_socket() -> socket.socket | None:
     return sock
 
 
-def _bind(path: str) -> socket.socket:
-    _check_socket_directory(os.path.dirname(path))
+def _bind(path: str, backlog: int) -> socket.socket:
+    check_socket_directory(os.path.dirname(path))
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         os.chmod(path, 0o666)  # every local user may submit; the kernel tells us who they are
-        sock.listen(128)
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise UnsafeSocketPlace(f"cannot listen on {path} ({exc.strerror}); check the directory") from None
     return sock
 
 
-def _check_socket_directory(directory: str) -> None:
+def check_socket_directory(directory: str) -> None:
+    """Create the socket's directory if need be; refuse one that other users could change."""
     if not os.path.isdir(directory):
-        try:
-            os.mkdir(directory, 0o755)
-        except OSError as exc:
-            raise UnsafeSocketPlace(
-                f"cannot create {directory} ({exc.strerror}); create it owned by root, mode 0755, "
-                f"or use the systemd units, which do"
-            ) from None
+        _create_socket_directory(directory)
+    problem = socket_place_problem(directory, os.geteuid(), _gate_user_name())
+    if problem is not None:
+        raise UnsafeSocketPlace(problem)
+
+
+def socket_place_problem(directory: str, gate_uid: int, gate_user: str) -> str | None:
+    """What lets others replace a socket in ``directory`` (None: nothing).
+
+    Whoever can rename a directory on the way can put a socket of their own
+    in the gate's place: each must belong to root or the gate, and none may
+    be writable by others unless it has the sticky bit (as /tmp does). The
+    socket's own directory may not be writable by others at all.
+    """
     info = os.stat(directory)
-    if info.st_uid not in (0, os.geteuid()) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if info.st_uid not in (0, gate_uid) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"{directory} can be written by users other than root and the gate, so they could "
+                f"replace the socket; run: chown {gate_user} {directory} && chmod 755 {directory}")
+    for parent in _parents(directory):
+        found = os.stat(parent)
+        writable = found.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not found.st_mode & stat.S_ISVTX
+        if found.st_uid not in (0, gate_uid) or writable:
+            return (f"{parent}, above the socket's directory {directory}, can be changed by other users "
+                    f"(owner uid {found.st_uid}, mode {stat.S_IMODE(found.st_mode):04o}), so they could replace "
+                    f"the socket's directory; choose a socket under a directory only root can change, "
+                    f"such as /run/sendmail-shim")
+    return None
+
+
+def _parents(directory: str) -> list[str]:
+    found, path = [], os.path.abspath(directory)
+    while path != "/":
+        path = os.path.dirname(path)
+        found.append(path)
+    return found
+
+
+def _create_socket_directory(directory: str) -> None:
+    try:
+        os.mkdir(directory, 0o755)
+    except OSError as exc:
+        user = _gate_user_name()
         raise UnsafeSocketPlace(
-            f"{directory} can be written by users other than root and the gate, so they could "
-            f"replace the socket; run: chown root {directory} && chmod 755 {directory}"
-        )
+            f"cannot create {directory} ({exc.strerror}); create it owned by the gate's user, mode 0755 "
+            f"(run: install -d -o {user} -m 0755 {directory}), or use the packaged systemd units: "
+            f"sendmail-shim-gate.socket creates it"
+        ) from None
+
+
+def _gate_user_name() -> str:
+    return trust.Identity.of_uid(os.geteuid()).name
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -305,14 +586,23 @@ def _notify_systemd(state: bytes) -> None:
 class Gate:
     """Accepts connections, admits them per Unix user, and serves each in a thread."""
 
-    def __init__(self, listener: Listener, runtime: Runtime) -> None:
-        self.listener, self.runtime = listener, runtime
+    def __init__(self, listener: Listener, runtime: Runtime, guard: TrustGuard) -> None:
+        self.listener, self.runtime, self.guard = listener, runtime, guard
         self.config = runtime.config
+        self.exit_code = os.EX_OK
+        self.status = gate_status(self.config, listener, guard)
+        guard.on_refuted = self._refuted
         self.per_uid: dict[int, int] = {}
+        self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last line, refusals since)
+        self._busy_frames: dict[tuple[int, bool], bytes] = {}
         self.lock = threading.Lock()
         self.idle = threading.Condition(self.lock)
         self.stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
+
+    def _refuted(self) -> None:
+        self.exit_code = exitcodes.EX_CONFIG
+        self.stop()
 
     def stop(self) -> None:
         """Stop accepting; ``run`` returns once the requests in progress are done."""
@@ -345,7 +635,14 @@ class Gate:
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
+        # Everything here runs in the one accepting thread: a flood of connections must cost a
+        # few system calls each, never a thread, a name lookup or a log line, or the backlog
+        # fills and other users' callers find no slot.
         pid, uid = peer_credentials(conn)
+        if _hung_up(conn):  # connected and gone again before saying anything: nothing to serve
+            conn.close()
+            self._log_busy(uid, "closed before the greeting")
+            return
         limit = self.config.gate.max_connections_per_uid
         with self.lock:
             mine, total = self.per_uid.get(uid, 0), sum(self.per_uid.values())
@@ -363,19 +660,36 @@ class Gate:
             self._refuse_busy(conn, uid, False)
 
     def _refuse_busy(self, conn: socket.socket, uid: int, over_own_limit: bool) -> None:
-        user = _user_name(uid)
-        if over_own_limit:
-            line = (f"not sent: the Unix user {user or f'uid {uid}'} already has "
-                    f"{self.config.gate.max_connections_per_uid} messages in progress at the mail gate, "
-                    f"the most allowed at once; try again in a moment")
-        else:
-            line = "not sent: the mail gate is busy with as many messages as it takes at once; try again in a moment"
-        _log(self.config, "notice", event="gate-busy", uid=uid, user=user, code=69,
-             reason="per-user limit" if over_own_limit else "gate full")
-        with contextlib.suppress(OSError):
-            conn.setblocking(False)  # a fresh socket's buffer takes one small frame
-            conn.send(protocol.frame(protocol.VERDICT, _wire(exitcodes.EX_UNAVAILABLE, line).encode()))
+        """Answer 69 and close, at once: a prepared frame, one send that never waits."""
+        with contextlib.suppress(OSError):  # a fresh socket's buffer takes one small frame
+            conn.send(self._busy_frame(uid, over_own_limit), socket.MSG_DONTWAIT)
         conn.close()
+        self._log_busy(uid, "per-user limit" if over_own_limit else "gate full")
+
+    def _busy_frame(self, uid: int, over_own_limit: bool) -> bytes:
+        key = (uid, over_own_limit)
+        frame = self._busy_frames.get(key)
+        if frame is None:
+            if over_own_limit:
+                line = (f"not sent: the Unix user {_user_label(uid)} already has "
+                        f"{self.config.gate.max_connections_per_uid} messages in progress at the mail gate, "
+                        f"the most allowed at once; try again in a moment")
+            else:
+                line = ("not sent: the mail gate is busy with as many messages as it takes at once; "
+                        "try again in a moment")
+            frame = protocol.frame(protocol.VERDICT, _wire(exitcodes.EX_UNAVAILABLE, line).encode())
+            if len(self._busy_frames) < 4096:
+                self._busy_frames[key] = frame
+        return frame
+
+    def _log_busy(self, uid: int, reason: str) -> None:
+        now = time.monotonic()
+        last, count = self._busy_logged.get(uid, (-BUSY_LOG_INTERVAL, 0))
+        if now - last < BUSY_LOG_INTERVAL:
+            self._busy_logged[uid] = (last, count + 1)
+            return
+        self._busy_logged[uid] = (now, 0)
+        _log(self.config, "notice", event="gate-busy", uid=uid, refused_since_last=count, reason=reason)
 
     def _release(self, uid: int) -> None:
         with self.lock:
@@ -393,13 +707,22 @@ class Gate:
     def _serve(self, conn: socket.socket, pid: int, uid: int) -> None:
         caller = Caller(uid=uid, user=_user_name(uid), pid=pid)  # the name lookup may be slow (NSS)
         try:
-            Connection(conn, caller, self.runtime).serve()
+            Connection(conn, caller, self.runtime, self.status).serve()
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the gate
             _log(self.config, "err", event="gate-internal-error", uid=caller.uid,
                  reason=f"{type(exc).__name__}: {exc}")
         finally:
             conn.close()
             self._release(uid)
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int]:
@@ -409,27 +732,41 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
+_NAMES: dict[int, str] = {}  # uids already named: the busy line must not cost an NSS lookup each
+
+
 def _user_name(uid: int) -> str | None:
     import pwd
 
     try:
-        return pwd.getpwuid(uid).pw_name
+        name = pwd.getpwuid(uid).pw_name
     except KeyError:
         return None
+    _NAMES[uid] = name
+    return name
+
+
+def _user_label(uid: int) -> str:
+    return _NAMES.get(uid) or f"uid {uid}"
 
 
 class Connection:
     """One caller, one message: greeting, arguments, message, verdict."""
 
-    def __init__(self, conn: socket.socket, caller: Caller, runtime: Runtime) -> None:
-        self.conn, self.caller, self.runtime = conn, caller, runtime
+    def __init__(self, conn: socket.socket, caller: Caller, runtime: Runtime,
+                 status: Callable[[], dict[str, object]]) -> None:
+        self.conn, self.caller, self.runtime, self.status = conn, caller, runtime, status
         self.config = runtime.config
         self.deadline = time.monotonic() + self.config.gate.request_timeout
 
     def serve(self) -> None:
         try:
             self._send(protocol.frame(protocol.GREETING, protocol.GREETING_TEXT))
-            argv, upload = self._read_argv()
+            kind, payload = protocol.read_frame(self.conn, self.deadline, protocol.ARG + protocol.QUERY)
+            if kind == protocol.QUERY:
+                self._answer_query(payload)
+                return
+            argv, upload = self._read_argv(payload)
             verdict = self._decide(argv, upload)
         except protocol.PeerClosed:
             self._log_broken("closed before the end of the request", "notice")
@@ -452,24 +789,35 @@ class Connection:
         except OSError as exc:  # the caller left; the log has the verdict
             self._log_broken(f"verdict not delivered: {exc.strerror or exc}", "notice")
 
-    def _read_argv(self) -> tuple[list[str], Upload]:
-        argv: list[str] = []
-        size = 0
-        while True:
-            kind, payload = protocol.read_frame(self.conn, self.deadline,
-                                                protocol.ARG if not argv else
-                                                protocol.ARG + protocol.DATA + protocol.END)
-            if kind != protocol.ARG:
-                return argv, Upload(self.conn, self.deadline, kind, payload)
-            size += len(payload)
-            if len(argv) >= protocol.MAX_ARGS or size > protocol.MAX_ARGV_BYTES:
-                raise protocol.BadFrame(f"more than {protocol.MAX_ARGS} arguments or "
-                                        f"{protocol.MAX_ARGV_BYTES} bytes of them")
-            argv.append(os.fsdecode(payload))
+    def _answer_query(self, question: bytes) -> None:
+        """Facts about the gate, for root and the gate's own user only."""
+        import json
 
-    def _decide(self, argv: list[str], upload: Upload) -> Verdict:
+        if self.caller.uid not in (0, os.geteuid()):
+            self._answer_broken(exitcodes.EX_NOPERM, "not answered: only root and the gate's user may ask the gate")
+            return
+        document = self.status() if question == b"status" else {"error": "unknown question"}
+        answer = json.dumps(document).encode()[:protocol.MAX_PAYLOAD[protocol.STATUS]]
+        self._send(protocol.frame(protocol.STATUS, answer))
+
+    def _read_argv(self, first: bytes) -> tuple[list[str] | str, Upload]:
+        """The arguments, or the refusal line when there are too many of them (all are read first)."""
+        argv: list[str] = []
+        count, total, payload = 1, len(first), first
+        while True:
+            too_long = protocol.argv_counts_too_long(count, total, 0)
+            if too_long is None:
+                argv.append(os.fsdecode(payload))
+            kind, payload = protocol.read_frame(self.conn, self.deadline, protocol.ARG + protocol.DATA + protocol.END)
+            if kind != protocol.ARG:
+                return too_long or argv, Upload(self.conn, self.deadline, kind, payload)
+            count, total = count + 1, total + len(payload)
+
+    def _decide(self, argv: list[str] | str, upload: Upload) -> Verdict:
         """The verdict; reading the message stops at its first refusal."""
         try:
+            if isinstance(argv, str):
+                raise UsageError(argv)
             invocation = parse_argv(argv[1:], argv[0])
             if invocation.mode != "deliver":
                 raise UsageError(f"{' '.join(argv[1:])[:60]}: -bs, --help and --version are "

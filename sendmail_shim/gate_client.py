@@ -8,7 +8,11 @@ and one stderr line. The gate learns who is calling from the kernel.
 
 A gate that cannot be reached is exit 69 with a line saying so, never a
 fallback to sending in-process (that would need the secrets this process
-must not have) and never 75 (PHP 8.5 reads 75 as success).
+must not have) and never 75 (PHP 8.5 reads 75 as success). A full backlog is
+waited out until the timeout ("busy", not "not running"). Before a byte is
+sent, the peer on the socket must be root or the gate's user: a fake gate of
+another user learns nothing. An argument list past the protocol's bounds is
+64 before anything is connected. ``gate_protocol`` has the exact rules.
 
 Only the standard library, and only what this path needs, is imported: this
 runs once per PHP ``mail()`` call.
@@ -19,6 +23,7 @@ from __future__ import annotations
 # _socket is the C module itself: ``socket`` would build its enums and import selectors.
 import _socket
 import os
+import sys
 import time
 
 from . import exitcodes
@@ -49,6 +54,22 @@ class GateUnreachable(GateClientError):
     """Nothing accepts connections on the gate's socket."""
 
 
+class GateBusy(GateUnreachable):
+    """The gate's listen backlog stayed full for the whole timeout."""
+
+
+class GateImpostor(GateClientError):
+    """The process on the socket is neither root nor the gate's user: it is never sent a byte."""
+
+
+class GateUserUnknown(GateClientError):
+    """``[gate] user`` names no Unix user."""
+
+
+class ArgumentsTooLong(GateClientError):
+    """More arguments than one request may carry; refused before connecting."""
+
+
 class GateNoVerdict(GateClientError):
     """The connection broke or timed out before the verdict arrived."""
 
@@ -58,28 +79,37 @@ class GateMismatch(GateClientError):
 
 
 class GateTarget:
-    """Where the gate listens and how long to wait for it."""
+    """Where the gate listens, whose it is and how long to wait for it."""
 
-    __slots__ = ("socket_path", "timeout", "max_size", "max_recipients")
+    __slots__ = ("socket_path", "timeout", "max_size", "max_recipients", "gate_user")
 
     def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT,
-                 max_size: int = 10 * 1024 * 1024, max_recipients: int = 1000) -> None:
+                 max_size: int = 10 * 1024 * 1024, max_recipients: int = 1000,
+                 gate_user: str | None = None) -> None:
         self.socket_path, self.timeout = socket_path, timeout
         self.max_size, self.max_recipients = max_size, max_recipients
+        self.gate_user = gate_user
 
     @classmethod
     def from_config(cls, config: Config) -> GateTarget:
         assert config.gate.socket is not None
         return cls(config.gate.socket, config.gate.request_timeout,
-                   config.message.max_size, config.message.max_recipients)
+                   config.message.max_size, config.message.max_recipients, config.gate.user)
 
 
 # ------------------------------------------------------------------ entry points
 
 
 def run_via_gate(invocation: Invocation, config: Config, stdin: BinaryIO, stdout: BinaryIO,
-                 stderr: TextIO) -> int:
-    """Send what ``invocation`` and stdin describe through the gate; return the exit code."""
+                 stderr: TextIO, argv: list[str] | None = None) -> int:
+    """Send what ``invocation`` and stdin describe through the gate; return the exit code.
+
+    ``argv`` is the command line as given: its size is checked as the fast path checks it.
+    """
+    too_long = argv is not None and protocol.argv_too_long(
+        [len(os.fsencode(arg)) for arg in [os.path.basename(argv[0]) or PROGRAM, *argv[1:]]])
+    if too_long:
+        return _say(stderr, too_long, exitcodes.EX_USAGE)
     target = GateTarget.from_config(config)
     if invocation.mode == "smtp":
         return _smtp_session(invocation, target, stdin, stdout)
@@ -136,11 +166,14 @@ def target_from_config_file(path: str) -> GateTarget | None:
     if settings is None:
         return None
     socket_path, timeout = settings.get("socket"), settings.get("request_timeout", DEFAULT_TIMEOUT)
+    gate_user = settings.get("user")
     if not isinstance(socket_path, str) or not socket_path.startswith("/"):
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, float) or not 1 <= timeout <= 3600:
         return None
-    return GateTarget(socket_path, timeout)
+    if gate_user is not None and (not isinstance(gate_user, str) or not gate_user):
+        return None
+    return GateTarget(socket_path, timeout, gate_user=gate_user)
 
 
 def plain_gate_table(text: str) -> dict[str, str | float | bool] | None:
@@ -220,9 +253,13 @@ def _deliver(target: GateTarget, argv: list[str], stdin: BinaryIO, stderr: TextI
 
 def submit(target: GateTarget, argv: list[str], chunks: Iterable[bytes]) -> protocol.WireVerdict:
     """One request: argv[0] is the program name; ``chunks`` the message, each at most 64 KiB."""
-    sock = _connect(target)
+    encoded = [os.fsencode(arg) for arg in argv]
+    too_long = protocol.argv_too_long([len(arg) for arg in encoded])
+    if too_long:
+        raise ArgumentsTooLong(too_long)
+    sock = connect(target)
     try:
-        return _exchange(sock, target, argv, chunks)
+        return _exchange(sock, target, encoded, chunks)
     except (BrokenPipeError, ConnectionResetError, protocol.PeerClosed):
         raise GateNoVerdict(
             "not sent: the mail gate closed the connection before answering; try again, "
@@ -243,22 +280,116 @@ def submit(target: GateTarget, argv: list[str], chunks: Iterable[bytes]) -> prot
         sock.close()
 
 
-def _connect(target: GateTarget) -> _socket.socket:
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+def ask(target: GateTarget, question: str) -> dict[str, object]:
+    """The gate's answer to a QUERY (see gate_protocol), e.g. ``status``; only root and the gate may ask."""
+    import json
+
+    sock = connect(target)
+    try:
+        deadline = time.monotonic() + target.timeout
+        protocol.read_frame(sock, deadline, protocol.GREETING)
+        sock.sendall(protocol.frame(protocol.QUERY, question.encode()))
+        kind, payload = protocol.read_frame(sock, deadline, protocol.STATUS + protocol.VERDICT)
+        if kind == protocol.VERDICT:
+            raise GateMismatch(protocol.WireVerdict.decode(payload).line or "the gate refused the question")
+        answer = json.loads(payload)
+    except (protocol.ProtocolError, OSError, ValueError) as exc:
+        raise GateNoVerdict(f"the mail gate did not answer the question {question!r} ({exc})") from None
+    finally:
+        sock.close()
+    if not isinstance(answer, dict):
+        raise GateMismatch(f"the mail gate answered {question!r} with something other than an object")
+    return answer
+
+
+# A full listen backlog (EAGAIN) is worth waiting for: first 5 ms, doubling up to 200 ms,
+# each wait jittered by a factor in [0.5, 1.5] so that waiting callers do not retry in step.
+# Each wait is spent inside connect() itself (SO_SNDTIMEO): the kernel queues waiting
+# connects and hands each slot that frees to the longest waiter, so a caller that slept
+# instead would lose every slot to a flood of blocking connects.
+FIRST_RETRY, LONGEST_RETRY = 0.005, 0.2
+
+
+def connect(target: GateTarget) -> _socket.socket:
+    """A connection to the gate, its peer checked before anything is sent on it."""
+    started = time.monotonic()
+    delay, wait = FIRST_RETRY, 0.0
+    while True:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        if wait:
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _timeval(wait))
+        else:
+            sock.settimeout(target.timeout)
+        try:
+            sock.connect(target.socket_path)
+            break
+        except BlockingIOError:
+            sock.close()
+            waited = time.monotonic() - started
+            if waited >= target.timeout:
+                raise GateBusy(f"not sent: the mail gate at {target.socket_path} is busy (no connection "
+                               f"slot for {round(waited, 1):g} s); try again in a moment") from None
+            wait = max(min(delay * _jitter(), target.timeout - waited), 0.001)
+            delay = min(delay * 2, LONGEST_RETRY)
+        except OSError as exc:
+            sock.close()
+            raise _not_running(target, exc) from None
     sock.settimeout(target.timeout)
     try:
-        sock.connect(target.socket_path)
-    except OSError as exc:
+        check_peer(sock, target)
+    except BaseException:
         sock.close()
-        reason = exc.strerror or type(exc).__name__
-        raise GateUnreachable(
-            f"not sent: the mail gate is not running (cannot connect to {target.socket_path}: "
-            f"{reason}); try again later, and tell the administrator if it persists"
-        ) from None
+        raise
     return sock
 
 
-def _exchange(sock: _socket.socket, target: GateTarget, argv: list[str],
+def _timeval(seconds: float) -> bytes:
+    import struct  # only a caller that has to wait pays for it
+
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+
+
+def _not_running(target: GateTarget, exc: OSError) -> GateUnreachable:
+    reason = exc.strerror or type(exc).__name__
+    return GateUnreachable(f"not sent: the mail gate is not running (cannot connect to {target.socket_path}: "
+                           f"{reason}); try again later, and tell the administrator if it persists")
+
+
+def _jitter() -> float:
+    import random  # only a caller that has to wait pays for it
+
+    return random.uniform(0.5, 1.5)
+
+
+def check_peer(sock: _socket.socket, target: GateTarget) -> None:
+    """Refuse a peer that is neither root nor the gate's user (another user's fake gate)."""
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+    peer_uid = int.from_bytes(raw[4:8], sys.byteorder)
+    gate_uid = gate_user_id(target)  # first: a [gate] user naming nobody is an error even under root
+    if peer_uid not in (0, gate_uid):
+        raise GateImpostor(f"not sent: the process answering on {target.socket_path} runs as uid {peer_uid}, "
+                           f"not as the mail gate's user (uid {gate_uid}); nothing was sent; "
+                           f"tell the administrator")
+
+
+def gate_user_id(target: GateTarget) -> int:
+    """The uid of ``[gate] user``, else of the socket file's owner."""
+    if target.gate_user is None:
+        try:
+            return os.stat(target.socket_path).st_uid
+        except OSError as exc:  # gone since the connect: whoever answered cannot be vouched for
+            raise _not_running(target, exc) from None
+    import pwd
+
+    try:
+        return pwd.getpwnam(target.gate_user).pw_uid
+    except KeyError:
+        raise GateUserUnknown(f"not sent: configuration error: [gate] user: no Unix user named "
+                              f"{target.gate_user}; the administrator must fix it") from None
+
+
+def _exchange(sock: _socket.socket, target: GateTarget, argv: list[bytes],
               chunks: Iterable[bytes]) -> protocol.WireVerdict:
     deadline = time.monotonic() + target.timeout
     kind, payload = protocol.read_frame(sock, deadline, protocol.GREETING + protocol.VERDICT)
@@ -268,7 +399,7 @@ def _exchange(sock: _socket.socket, target: GateTarget, argv: list[str],
         raise GateMismatch(f"not sent: the mail gate speaks {payload[:40]!r}, this sendmail "
                            f"{protocol.GREETING_TEXT!r}; the administrator must restart the gate")
     sock.settimeout(target.timeout)
-    pending = bytearray(b"".join(protocol.frame(protocol.ARG, os.fsencode(arg)) for arg in argv))
+    pending = bytearray(b"".join(protocol.frame(protocol.ARG, arg) for arg in argv))
     for chunk in chunks:
         pending += protocol.frame(protocol.DATA, chunk)
         sock.sendall(pending)

@@ -16,6 +16,8 @@ Frame types (ASCII letters) and the largest payload each may carry:
     D  DATA      client -> gate   the next piece of the message  64 KiB
     E  END       client -> gate   empty: the message is complete      0
     V  VERDICT   gate -> client   the outcome (below)              4 KiB
+    Q  QUERY     client -> gate   a question instead of a message    64 bytes
+    S  STATUS    gate -> client   the answer to a QUERY, JSON      4 KiB
 
 One connection carries one message, in this order::
 
@@ -28,8 +30,33 @@ One connection carries one message, in this order::
 
 The gate speaks first, so a refused connection (too many at once from one
 Unix user, the gate stopping) is answered before the client sends anything.
-A request has at most 4096 ARG frames holding at most 256 KiB together; the
-message may not exceed the gate's ``[message] max_size``.
+A request has at most 4096 ARG frames holding at most 256 KiB together
+(``MAX_ARGS``, ``MAX_ARGV_BYTES``); ``sendmail`` checks this before it
+connects, and the gate answers a request past either bound with exit 64 and
+the same line (``argv_too_long``). The message may not exceed the gate's
+``[message] max_size``.
+
+A connect refused for a full listen backlog (EAGAIN) is retried with jittered
+backoff (5 ms doubling to 200 ms, each wait times a factor in [0.5, 1.5])
+until ``[gate] request_timeout``, each wait spent inside ``connect()``; then
+``sendmail`` says the gate is busy (69), not that it is not running.
+
+Before one byte is sent, ``sendmail`` checks who listens: the peer's uid
+(``SO_PEERCRED``) must be 0 or the gate's (``[gate] user``, else the owner of
+the socket file). A process of any other user is never sent a message.
+
+Instead of ARG frames a client may send one QUERY frame naming a question;
+the gate answers one STATUS frame and closes the connection. Only root and
+the gate's own user are answered; anyone else gets a VERDICT refusing. The
+answer is a JSON object of non-secret facts, never a key, a password or a
+customer's data. Questions:
+
+    status    {"version", "pid", "uid", "config": {"path", "sha256",
+              "loaded_at"}, "started_at", "trust", "socket", "backlog"}
+              (times ISO 8601 UTC): which config the running gate loaded,
+              to compare with the file on disk.
+
+Unknown questions are answered with ``{"error": "unknown question"}``.
 
 VERDICT payload: the exit code (1 byte), the SMTP reply code for ``-bs``
 (2 bytes, big-endian), then UTF-8 text: the stderr line (empty when there is
@@ -60,13 +87,42 @@ ARG = b"A"
 DATA = b"D"
 END = b"E"
 VERDICT = b"V"
+QUERY = b"Q"
+STATUS = b"S"
 
-MAX_PAYLOAD = {GREETING: 64, ARG: 8192, DATA: 64 * 1024, END: 0, VERDICT: 4096}
+MAX_PAYLOAD = {GREETING: 64, ARG: 8192, DATA: 64 * 1024, END: 0, VERDICT: 4096, QUERY: 64, STATUS: 4096}
 MAX_ARGS = 4096
 MAX_ARGV_BYTES = 256 * 1024
 DATA_CHUNK = MAX_PAYLOAD[DATA]
 HEADER_SIZE = 5
 _VERDICT_PART = 2000
+
+
+def argv_too_long(sizes: list[int]) -> str | None:
+    """The line for an argument list past the bounds (``sizes``: each ARG payload's bytes), else None.
+
+    ``sendmail`` prints it (after ``sendmail: ``) and exits 64 without
+    connecting; the gate answers it to a client that did not check.
+    """
+    return argv_counts_too_long(len(sizes), sum(sizes), max(sizes, default=0))
+
+
+def argv_counts_too_long(count: int, total: int, longest: int) -> str | None:
+    """``argv_too_long`` from running counts (the gate keeps no list of a hostile client's frames)."""
+    if total > MAX_ARGV_BYTES:
+        return f"argument list too long ({total} bytes; at most {MAX_ARGV_BYTES})"
+    if count > MAX_ARGS:
+        return f"argument list too long ({count} arguments; at most {MAX_ARGS})"
+    if longest > MAX_PAYLOAD[ARG]:
+        return f"argument list too long (one argument of {longest} bytes; at most {MAX_PAYLOAD[ARG]})"
+    return None
+
+
+def iso_utc(at: float) -> str:
+    """Epoch seconds as ISO 8601 UTC with microseconds, as every time in a STATUS answer."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class ProtocolError(Exception):

@@ -248,6 +248,25 @@ def _parse_or_fail(header: Header, qualify_domain: str | None = None) -> list[Ma
         raise MalformedMessage(f"the {header.name} header cannot be parsed ({exc})") from None
 
 
+IDENTITY_HEADERS = ("From", "Sender", "Resent-From", "Resent-Sender")
+
+
+def identity_mailboxes(message: Message, qualify_domain: str | None = None) -> list[tuple[str, Mailbox]]:
+    """Every mailbox that says who the message is from, with its header's name.
+
+    From, Sender, Resent-From and Resent-Sender all name the author to the
+    reader, so they all follow the From rule; Reply-To does not (it only says
+    where answers go).
+    """
+    found: list[tuple[str, Mailbox]] = []
+    if message.from_mailbox is not None:
+        found.append(("From", message.from_mailbox))
+    for name in IDENTITY_HEADERS[1:]:
+        for header in message.get_all(name):
+            found.extend((name, mailbox) for mailbox in _parse_or_fail(header, qualify_domain))
+    return found
+
+
 def header_recipients(message: Message, qualify_domain: str | None) -> list[Mailbox]:
     """Recipients for ``-t``: Resent-To/Cc/Bcc when present (as Sendmail), else To/Cc/Bcc."""
     resent = ("Resent-To", "Resent-Cc", "Resent-Bcc")

@@ -100,8 +100,10 @@ def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
 
 def _authorise(envelope: Envelope, message: Message, caller: Caller, runtime: Runtime) -> accounts.Account:
     from_domain = message.from_mailbox.domain if message.from_mailbox else None
+    identities = [(header, mailbox.domain) for header, mailbox
+                  in message_stage.identity_mailboxes(message, runtime.config.message.qualify_domain)]
     return accounts.authorise(runtime.ledger, envelope.sender.key, from_domain, caller,
-                              require_binding=runtime.require_binding)
+                              require_binding=runtime.require_binding, identities=identities)
 
 
 def _check_spf(envelope: Envelope, message: Message, runtime: Runtime) -> None:

@@ -141,25 +141,29 @@ class Upstream:
         host = f"{self.config.host}:{self.config.port}"
         try:
             return self._send(envelope, message, all_or_nothing)
-        except RelayError:
-            raise
-        except ssl.SSLCertVerificationError as exc:
-            raise UpstreamInsecure(f"the upstream {host} failed the certificate check ({exc.verify_message})",
-                                   stage="starttls") from None
-        except ssl.SSLError as exc:
-            raise UpstreamInsecure(f"TLS with the upstream {host} failed ({exc})", stage="starttls") from None
-        except smtplib.SMTPServerDisconnected:
-            raise UpstreamUnavailable(f"the upstream {host} closed the connection", stage="connection") from None
-        except smtplib.SMTPConnectError as exc:
-            raise UpstreamMisconfigured(f"the upstream {host} greeted with {exc.smtp_code} {_text(exc.smtp_error)}",
-                                        stage="greeting", code=exc.smtp_code) from None
-        except smtplib.SMTPResponseException as exc:
-            raise _reply_error(exc.smtp_code, exc.smtp_error, "a command", host) from None
-        except TimeoutError:
-            raise UpstreamUnavailable(f"the upstream {host} did not answer in time", stage="timeout") from None
+        except OSError as exc:  # smtplib's and ssl's errors are OSErrors too
+            raise classify(exc, host) from None
+
+    def mail_without_auth(self) -> tuple[int, str]:
+        """The relay's reply to ``MAIL FROM:<>`` in a verified TLS session that did not authenticate.
+
+        A relay that other local users could use directly answers 250; one
+        that requires AUTH refuses (530). The transaction is reset at once.
+        """
+        host = f"{self.config.host}:{self.config.port}"
+        cfg = self.config
+        try:
+            smtp = _Connection(cfg.host, cfg.port, local_hostname=cfg.helo, timeout=cfg.timeout)
+            try:
+                self._starttls(smtp, host)
+                code, reply = smtp.mail("")
+                if code == 250:
+                    smtp.rset()
+                return code, _text(reply)
+            finally:
+                _close(smtp)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise UpstreamUnavailable(f"cannot reach the upstream {host} ({reason})", stage="connect") from None
+            raise classify(exc, host) from None
 
     def _send(self, envelope: Envelope, message: Message, all_or_nothing: bool) -> RelayResult:
         cfg = self.config
@@ -222,6 +226,10 @@ class Upstream:
             _close(smtp)
 
     def _secure(self, smtp: _Connection, host: str) -> None:
+        self._starttls(smtp, host)
+        self._authenticate(smtp, host)
+
+    def _starttls(self, smtp: _Connection, host: str) -> None:
         code, reply = smtp.ehlo()
         if code != 250:
             raise UpstreamMisconfigured(f"the upstream {host} answered EHLO with {code} {_text(reply)}",
@@ -245,7 +253,6 @@ class Upstream:
         if code != 250:
             raise UpstreamMisconfigured(f"the upstream {host} answered EHLO with {code} {_text(reply)}",
                                         stage="EHLO", code=code)
-        self._authenticate(smtp, host)
 
     def _authenticate(self, smtp: _Connection, host: str) -> None:
         """One AUTH attempt (PLAIN, else LOGIN), and only ever inside TLS."""
@@ -264,6 +271,26 @@ class Upstream:
             raise UpstreamMisconfigured(
                 f"the upstream {host} refused the relay credentials ({exc.smtp_code}); the admin must fix them",
                 stage="AUTH", code=exc.smtp_code) from None
+
+
+def classify(exc: OSError, host: str) -> RelayError:
+    """Any failure talking to the upstream as a RelayError: temporary unless the relay said 5xx."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return UpstreamInsecure(f"the upstream {host} failed the certificate check ({exc.verify_message})",
+                                stage="starttls")
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamInsecure(f"TLS with the upstream {host} failed ({exc})", stage="starttls")
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return UpstreamUnavailable(f"the upstream {host} closed the connection", stage="connection")
+    if isinstance(exc, smtplib.SMTPConnectError):
+        return UpstreamMisconfigured(f"the upstream {host} greeted with {exc.smtp_code} {_text(exc.smtp_error)}",
+                                     stage="greeting", code=exc.smtp_code)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return _reply_error(exc.smtp_code, exc.smtp_error, "a command", host)
+    if isinstance(exc, TimeoutError):
+        return UpstreamUnavailable(f"the upstream {host} did not answer in time", stage="timeout")
+    reason = exc.strerror or str(exc)
+    return UpstreamUnavailable(f"cannot reach the upstream {host} ({reason})", stage="connect")
 
 
 def _transaction(smtp: _Connection, host: str, envelope: Envelope, data: bytes, options: list[str],

@@ -62,7 +62,7 @@ def run(program: str, args: list[str], stdin: BinaryIO, stdout: BinaryIO, stderr
         # The shared-hosting path: hand the message to the gate; hold no secrets, open no ledger.
         from .gate_client import run_via_gate
 
-        return run_via_gate(invocation, config, stdin, stdout, stderr)
+        return run_via_gate(invocation, config, stdin, stdout, stderr, [program, *args])
     return _in_process(invocation, config, stdin, stdout, stderr)
 
 

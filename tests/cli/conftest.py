@@ -37,7 +37,7 @@ def invoke(config_file: Path) -> Invoke:
 @pytest.fixture
 def ready(invoke: Invoke) -> Invoke:
     """A ledger with customer kunde1 (Unix user web1) and account post@kunde.example."""
-    for args in (["db", "upgrade"], ["customer", "add", "kunde1", "--unix-user", "web1"],
+    for args in (["db", "upgrade"], ["customer", "add", "kunde1", "--unix-user", "web1", "--allow-missing-user"],
                  ["account", "add", "post@kunde.example", "--customer", "kunde1",
                   "--authenticated"]):
         result = invoke(*args)

@@ -54,13 +54,13 @@ def test_commands_before_upgrade_say_run_db_upgrade(invoke: Invoke, tmp_path: Pa
 
 
 def test_customers_and_their_unix_users(ready: Invoke) -> None:
-    assert document(ready("customer", "bind", "kunde1", "web2", "--json"))["unix_users"] == \
+    assert document(ready("customer", "bind", "kunde1", "web2", "--allow-missing-user", "--json"))["unix_users"] == \
         ["web1", "web2"]
     assert document(ready("customer", "list", "--json")) == [
         {"id": "kunde1", "unix_users": ["web1", "web2"], "domains": ["kunde.example"],
          "accounts": 1}]
     assert document(ready("customer", "unbind", "web2", "--json"))["customer"] == "kunde1"
-    assert one_line_error(ready("customer", "add", "kunde2", "--unix-user", "web1"), 65) == (
+    assert one_line_error(ready("customer", "add", "kunde2", "--unix-user", "web1", "--allow-missing-user"), 65) == (
         "the Unix user web1 is bound to customer kunde1; unbind it first "
         "(sendmail-shim customer unbind web1)")
     assert ready("customer", "list").stdout == \
@@ -320,3 +320,17 @@ def test_db_prune_removes_what_retention_no_longer_keeps_and_says_so(ready: Invo
     assert text.exit_code == 0
     assert text.stdout.splitlines()[0] == ("removed 0 sends, 0 usage buckets, 0 queue messages, 0 decisions, "
                                            "0 spf verdicts")
+
+
+def test_binding_a_unix_user_that_does_not_exist_is_65(invoke: Invoke, config_file: Path) -> None:
+    assert invoke("db", "upgrade").exit_code == 0
+    missing = "nosuchuser-shimtest"
+    for args in (("customer", "add", "kunde9", "--unix-user", missing), ("customer", "bind", "kunde9", missing)):
+        assert one_line_error(invoke(*args), 65) == (
+            f"there is no Unix user named {missing} on this server; check the name, "
+            f"or bind it ahead of its creation with --allow-missing-user")
+    assert ledger_of(config_file).list_customers() == []  # nothing was added
+    added = document(invoke("customer", "add", "kunde9", "--unix-user", missing, "--allow-missing-user", "--json"))
+    assert added["unix_users"] == [missing]
+    real = document(invoke("customer", "add", "kunde8", "--unix-user", "root", "--json"))
+    assert real["unix_users"] == ["root"]

@@ -43,6 +43,13 @@ def relay(ca: trustme.CA) -> Iterator[SmtpUpstream]:
         yield server
 
 
+@pytest.fixture
+def open_relay(ca: trustme.CA) -> Iterator[SmtpUpstream]:
+    """A relay that trusts the web server's address: AUTH is offered but not required."""
+    with SmtpUpstream(ca, credentials=(RELAY_USER, RELAY_PASSWORD), trust_addresses=True) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def ledger_template(users: Users, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_ledger_template(users, tmp_path_factory.mktemp("ledger-template"))

@@ -271,7 +271,7 @@ class Deployment:
             "upstream": {"host": "127.0.0.1", "port": upstream_port, "ca_file": str(ca_file), "timeout": 10},
             "ledger": {"url": f"sqlite:///{self.ledger_path}"},
             "spf": {"enabled": False},
-            "gate": {"socket": str(self.socket_path), "request_timeout": 10},
+            "gate": {"socket": str(self.socket_path), "request_timeout": 10, "user": users.gate.name},
             "log": {"syslog": False, "file": str(self.log_path)},
         }
         if credentials:
@@ -339,14 +339,20 @@ class Deployment:
             self.listening = sock
         return self.listening
 
-    def start_gate(self, *, activated: bool = True, wait: bool = True,
+    def start_gate(self, *, activated: bool = True, wait: bool = True, as_root: bool = False,
                    env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start the gate as its user; with ``activated`` it gets the socket as systemd hands it over."""
+        """Start the gate as its user; with ``activated`` it gets the socket as systemd hands it over.
+
+        ``as_root``: started as root with ``--user``, as the packaged unit starts it (the checks
+        that need root first, then it becomes the gate's user).
+        """
         notify_name = f"shimtest-notify-{secrets.token_hex(6)}"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind("\0" + notify_name)
         gate_env = self.gate_env(NOTIFY_SOCKET="@" + notify_name, **(env or {}))
         command = [self.python.executable, "-m", "sendmail_shim.gate"]
+        if as_root:
+            command += ["--user", self.users.gate.name]
         pass_fds: tuple[int, ...] = ()
         if activated:
             fd = self.hold_socket().fileno()
@@ -358,8 +364,8 @@ class Deployment:
                        f"os.execv({self.python.executable!r}, {command!r})"]
         self.gate_stderr = open(self.base / "gate.stderr", "wb")  # noqa: SIM115 - closed in stop_gate
         self.gate = subprocess.Popen(command, env=gate_env, cwd="/", pass_fds=pass_fds,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self.gate_stderr, **self.users.gate.run_options())
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.gate_stderr,
+                                     **({} if as_root else self.users.gate.run_options()))
         try:
             if wait:
                 self._wait_ready(notify)

@@ -74,3 +74,13 @@ def test_each_site_is_charged_to_its_own_account(gate: Deployment, relay: SmtpUp
     usage_b = gate.admin("usage", "--account", "post@b.example", "--json")
     assert usage_a.code == usage_b.code == 0
     assert '"used": 1' in usage_a.stdout.decode() and '"used": 1' in usage_b.stdout.decode()
+
+
+def test_site_cannot_name_another_customer_in_sender(gate: Deployment, relay: SmtpUpstream) -> None:
+    forged = message("post@a.example").replace(b"Subject:", b"Sender: post@b.example\nSubject:")
+    result = gate.sendmail("-t", "-i", input=forged, user=gate.users.a)
+    assert result.code == 77
+    assert "the Sender address's domain b.example is not one of the sender's domains" in result.line
+    assert relay.received == []
+    replying = message("post@a.example").replace(b"Subject:", b"Reply-To: post@b.example\nSubject:")
+    assert gate.sendmail("-t", "-i", input=replying, user=gate.users.a).code == 0  # Reply-To stays free

@@ -107,7 +107,7 @@ def test_gate_will_not_listen_where_others_could_replace_the_socket(deployment: 
         deployment.start_gate(activated=False)
     assert deployment.gate_errors() == (
         f"sendmail-shim: {directory} can be written by users other than root and the gate, so they could "
-        f"replace the socket; run: chown root {directory} && chmod 755 {directory}\n")
+        f"replace the socket; run: chown {deployment.users.gate.name} {directory} && chmod 755 {directory}\n")
 
 
 def test_gate_will_not_start_on_a_ledger_that_is_not_upgraded(deployment: Deployment) -> None:
@@ -140,14 +140,37 @@ def test_fifty_callers_at_once_each_message_sent_once(deployment: Deployment, re
     assert peak_kb <= 100 * 1024
 
 
-def test_admin_cli_serve_runs_the_gate(deployment: Deployment, relay: SmtpUpstream) -> None:
+ADMIN_CLI = "from sendmail_shim.cli import main; main()"
+
+
+def test_serve_as_root_refuses_to_run_without_a_user_to_become(deployment: Deployment) -> None:
+    if not IS_ROOT:
+        pytest.skip("needs root")
     env = dict(os.environ, SENDMAIL_SHIM_CONFIG=str(deployment.config_path))
-    serve = subprocess.Popen([ADMIN, "serve"], env=env, stderr=subprocess.PIPE, cwd="/")
+    refused = subprocess.run([ADMIN, "serve"], env=env, capture_output=True, text=True, cwd="/", timeout=60)
+    assert refused.returncode == 78
+    assert refused.stderr == ("sendmail-shim: the gate will not run as root: start it with --user USER to become "
+                              "the gate's own user once the start checks are done (sendmail-shim serve --user "
+                              "sendmail-shim, as the packaged unit does), or start it as that user\n")
+    assert not deployment.socket_path.exists()
+
+
+@needs_users
+def test_admin_cli_serve_as_root_drops_to_the_gates_user(deployment: Deployment, relay: SmtpUpstream) -> None:
+    _own_socket_directory(deployment)
+    serve = subprocess.Popen([deployment.python.executable, "-c", ADMIN_CLI, "serve", "--user",
+                              deployment.users.gate.name],
+                             env=deployment.gate_env(), stderr=subprocess.PIPE, cwd="/")
     try:
         deadline = time.monotonic() + 30
         while not deployment.socket_path.exists() and serve.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert serve.poll() is None, serve.communicate()[1]
+        fields = proc_status(serve.pid)
+        assert fields["Uid"].split() == [str(deployment.users.gate.uid)] * 4
+        assert fields["Gid"].split() == [str(deployment.users.gate.gid)] * 4
+        assert fields["Groups"].split() == [] and fields["CapEff"] == "0" * 16
+        assert os.stat(deployment.socket_path).st_uid == deployment.users.gate.uid
         assert deployment.sendmail("-t", "-i", input=message()).code == 0
     finally:
         serve.send_signal(signal.SIGTERM)
@@ -175,9 +198,13 @@ def test_socket_unit_makes_the_socket_every_site_can_reach_and_none_can_replace(
 
 def test_service_unit_runs_the_gate_as_its_own_user_with_the_usual_config() -> None:
     service = _unit("sendmail-shim-gate.service")["Service"]
-    assert service["ExecStart"].split()[-1] == "serve"
+    # Started as root for the egress probe only; the gate becomes sendmail-shim before it serves
+    # (test_admin_cli_serve_as_root_drops_to_the_gates_user shows the process it becomes).
+    assert service["ExecStart"].split()[-3:] == ["serve", "--user", "sendmail-shim"]
     assert service["ExecStart"].split()[0].endswith("sendmail-shim")
-    assert service["User"] == "sendmail-shim" and service["Type"] == "notify"
+    assert service.get("User", "root") == "root" and service["Type"] == "notify"
+    assert service["CapabilityBoundingSet"].split() == ["CAP_SETUID", "CAP_SETGID"]
+    assert service["NoNewPrivileges"] == "yes" and service["RestartPreventExitStatus"] == "78"
     assert service["UMask"] == "0077"
     assert _unit("sendmail-shim-gate.service")["Unit"]["Requires"] == "sendmail-shim-gate.socket"
 
@@ -194,3 +221,56 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120, cwd=tmp_path,
                             env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"})
     assert (result.returncode, result.stderr) == (0, "")
+
+
+@needs_users
+def test_a_missing_socket_directory_says_which_ownership_works(deployment: Deployment) -> None:
+    directory = deployment.run_dir / "missing"  # in root's 0755 directory: the gate cannot make it
+    deployment.configure("gate", socket=str(directory / "gate.sock"))
+    with pytest.raises(RuntimeError, match="exited with 78"):
+        deployment.start_gate(activated=False)
+    gate_user = deployment.users.gate.name
+    assert deployment.gate_errors() == (
+        f"sendmail-shim: cannot create {directory} (Permission denied); create it owned by the gate's user, "
+        f"mode 0755 (run: install -d -o {gate_user} -m 0755 {directory}), or use the packaged systemd units: "
+        f"sendmail-shim-gate.socket creates it\n")
+    subprocess.run(["install", "-d", "-o", gate_user, "-m", "0755", str(directory)], check=True)
+    deployment.socket_path = directory / "gate.sock"
+    deployment.start_gate(activated=False)  # the fix it gave works
+    assert deployment.sendmail("-t", "-i", input=message()).code == 0
+
+
+@needs_users
+@pytest.mark.parametrize(("mode", "starts"), [(0o777, False), (0o775, False), (0o1777, True)],
+                         ids=["world-writable", "group-writable", "sticky like /tmp"])
+def test_gate_refuses_a_socket_under_a_parent_others_can_change(deployment: Deployment, mode: int,
+                                                                starts: bool) -> None:
+    parent = deployment.run_dir / "shared"
+    parent.mkdir()
+    os.chmod(parent, mode)
+    directory = parent / "gate"
+    directory.mkdir(mode=0o755)
+    deployment.give_to_gate(directory)
+    deployment.socket_path = directory / "gate.sock"
+    deployment.configure("gate", socket=str(deployment.socket_path))
+    if starts:
+        deployment.start_gate(activated=False)
+        assert deployment.sendmail("-t", "-i", input=message()).code == 0
+        return
+    with pytest.raises(RuntimeError, match="exited with 78"):
+        deployment.start_gate(activated=False)
+    assert deployment.gate_errors() == (
+        f"sendmail-shim: {parent}, above the socket's directory {directory}, can be changed by other users "
+        f"(owner uid 0, mode {mode:04o}), so they could replace the socket's directory; choose a socket under "
+        f"a directory only root can change, such as /run/sendmail-shim\n")
+
+
+def test_the_backlog_is_the_configured_one_capped_by_somaxconn(deployment: Deployment) -> None:
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    directory = _own_socket_directory(deployment)
+    for wanted, used in ((64, 64), (65535, min(65535, somaxconn))):
+        deployment.configure("gate", backlog=wanted)
+        deployment.start_gate(activated=False)
+        assert f"backlog={used}" in deployment.wait_for_log(f"backlog={used}")
+        deployment.stop_gate()
+    assert directory.exists()

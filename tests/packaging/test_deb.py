@@ -22,6 +22,7 @@ import pytest
 
 from sendmail_shim import config
 from tests.packaging.conftest import REPO, version
+from tests.support.private_root import private_root
 from tests.support.shim import dump_toml
 from tests.support.upstream import SmtpUpstream
 
@@ -106,6 +107,23 @@ def test_the_config_is_a_conffile_that_an_upgrade_keeps(built: Built) -> None:
     conffiles = subprocess.run(["tar", "-xOf", "-", "./conffiles"], input=listing.stdout, capture_output=True,
                                check=True).stdout.decode()
     assert "/etc/sendmail-shim/config.toml" in conffiles.split()
+
+
+def test_the_egress_rule_is_shipped_as_a_conffile_and_not_loaded(built: Built) -> None:
+    shipped = built.root / "etc/sendmail-shim/egress.nft"
+    assert shipped.read_bytes() == (REPO / "packaging/nftables/egress.nft").read_bytes()  # as tested in a netns
+    listing = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(built.deb)], capture_output=True, check=True)
+    control = {}
+    for name in ("conffiles", "postinst"):
+        control[name] = subprocess.run(["tar", "-xOf", "-", f"./{name}"], input=listing.stdout,
+                                       capture_output=True).stdout.decode()
+    assert "/etc/sendmail-shim/egress.nft" in control["conffiles"].split()
+    assert "nft" not in control["postinst"]  # installed, not enabled: the admin loads it
+
+
+def test_the_shipped_config_names_the_gates_user(built: Built) -> None:
+    text = (built.root / "etc/sendmail-shim/config.toml").read_text()
+    assert tomllib.loads(text)["gate"] == {"socket": "/run/sendmail-shim/gate.sock", "user": "sendmail-shim"}
 
 
 def test_the_shipped_config_sends_nothing_until_the_upstream_is_set(built: Built) -> None:
@@ -220,9 +238,12 @@ def test_the_packaged_program_relays_with_only_its_own_libraries(
 
 
 def test_the_packaged_program_refuses_before_it_is_configured(packaged: dict[str, Path], built: Built) -> None:
+    # The shipped config names the default socket: the program runs where that place is private,
+    # so that a gate running on this machine can never be sent the message.
     env = {"PATH": "/usr/bin:/bin", "SENDMAIL_SHIM_CONFIG": str(built.root / "etc/sendmail-shim/config.toml")}
-    refused = subprocess.run([str(packaged["sendmail"]), "-t", "-i"], capture_output=True, text=True, env=env,
-                             input="From: post@kunde.example\nTo: ola@example.org\n\nhei\n", timeout=60)
+    refused = subprocess.run([*private_root(), str(packaged["sendmail"]), "-t", "-i"], capture_output=True,
+                             text=True, env=env, input="From: post@kunde.example\nTo: ola@example.org\n\nhei\n",
+                             timeout=60)
     assert refused.returncode == 78
     assert refused.stderr.startswith("sendmail: not sent: configuration error: ")
     assert "upstream.host" in refused.stderr and len(refused.stderr.splitlines()) == 1

@@ -133,11 +133,17 @@ class _Controller(Controller):
 
 
 class SmtpUpstream:
-    """``with SmtpUpstream(ca) as up:`` … ``up.received``."""
+    """``with SmtpUpstream(ca) as up:`` … ``up.received``.
+
+    With ``credentials`` the relay requires AUTH before MAIL, as a provider's
+    relay must; ``trust_addresses`` makes it take mail without AUTH too, as a
+    relay that trusts the web server's address does.
+    """
 
     def __init__(self, ca: trustme.CA | None, *, cert_ca: trustme.CA | None = None,
                  smtputf8: bool = True, credentials: tuple[str, str] | None = None,
-                 script: Script | None = None, hostname: str = "127.0.0.1", port: int | None = None) -> None:
+                 script: Script | None = None, hostname: str = "127.0.0.1", port: int | None = None,
+                 trust_addresses: bool = False) -> None:
         self.port = port or free_port()
         self.host = hostname
         self.received: list[Received] = []
@@ -152,7 +158,9 @@ class SmtpUpstream:
             "enable_SMTPUTF8": smtputf8, "decode_data": False,
         }
         if credentials is not None:
-            kwargs.update(authenticator=self._authenticator(credentials), auth_require_tls=True)
+            # As the provider's relay must be: no MAIL without AUTH (unless told to trust addresses).
+            kwargs.update(authenticator=self._authenticator(credentials), auth_require_tls=True,
+                          auth_required=not trust_addresses)
         self.controller = _Controller(self, _Handler(self), hostname="127.0.0.1", port=self.port, **kwargs)
 
     def _authenticator(self, credentials: tuple[str, str]) -> Any:
