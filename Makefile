@@ -8,12 +8,17 @@ RPM_OUT ?= build/rpm
 SOURCES = git ls-files -z --cached --others --exclude-standard | \
 	tar --null --no-recursion --ignore-failed-read -T - -cf - 2>/dev/null
 
-.PHONY: setup demo test lint bench clean deb rpm man
+.PHONY: setup demo test lint bench clean deb rpm man native
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/bootstrap
 	scripts/bootstrap
+
+# The native sendmail client (C, libc only) into build/native/sendmail; the packages build it
+# with their own flags. FRONT_END is the Python front end it hands other calls to.
+native:
+	$(MAKE) -C native O=$(abspath build/native)
 
 # The main job on the embedded default: a loopback STARTTLS upstream, an SQLite ledger,
 # a PHP mail() piped through `sendmail -t -i`, and what arrived.

@@ -416,6 +416,8 @@ KEY_TEXT: dict[str, str] = {
     "gate.allow_unbound": "Whether callers whose Unix user is bound to no customer may send through the gate.",
     "gate.max_connections_per_uid": "How many connections one Unix user may have open to the gate at once.",
     "gate.request_timeout": "Seconds a caller has to deliver its request to the gate.",
+    "gate.user": ("The gate's Unix user. sendmail talks only to a gate that runs as this user (or root); "
+                  "unset, the socket file's owner."),
     "queue.enabled": "Whether a temporary upstream failure queues the message (exit 0) instead of "
                      "refusing it (exit 69).",
     "queue.min_backoff": "The delay before the first retry; it grows after each failed attempt.",

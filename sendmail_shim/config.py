@@ -81,6 +81,7 @@ class GateConfig:
     allow_unbound: bool = False
     max_connections_per_uid: int = 16
     request_timeout: float = 120.0
+    user: str | None = None  # the gate's Unix user, which sendmail expects on the socket
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,7 @@ def _gate(s: _Section) -> GateConfig:
         allow_unbound=s.boolean("allow_unbound", False),
         max_connections_per_uid=s.integer("max_connections_per_uid", 16, 1, 10000),
         request_timeout=s.number("request_timeout", 120.0, 1, 3600),
+        user=s.string("user") or None,
     )
     s.done()
     return config

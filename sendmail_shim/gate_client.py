@@ -19,6 +19,7 @@ from __future__ import annotations
 # _socket is the C module itself: ``socket`` would build its enums and import selectors.
 import _socket
 import os
+import sys
 import time
 
 from . import gate_protocol as protocol
@@ -38,6 +39,8 @@ DEFAULT_CONFIG_PATH = "/etc/sendmail-shim/config.toml"
 DEFAULT_TIMEOUT = 120.0
 # Options whose value is the rest of the word or the next word (as in invocation.py).
 VALUE_OPTION_LETTERS = frozenset("frFbBNRVoOLhA")
+# Waits between connects while the gate's listen backlog is full, before jitter.
+CONNECT_FIRST_WAIT, CONNECT_LONGEST_WAIT = 0.005, 0.2
 
 
 class GateClientError(Exception):
@@ -59,21 +62,39 @@ class GateMismatch(GateClientError):
     """The peer on the socket does not speak this version of the protocol."""
 
 
+class GateArgvTooLong(GateClientError):
+    """The argument list is over the protocol's bounds: refused before connecting."""
+
+    exit_code = os.EX_USAGE
+    smtp_reply = (554, "5.5.4")
+
+
+class GateImpostor(GateClientError):
+    """The process answering on the socket is neither root nor the gate's user."""
+
+
+class GateUserUnknown(GateClientError):
+    """``[gate] user`` names no Unix user."""
+
+    exit_code = os.EX_CONFIG
+
+
 class GateTarget:
     """Where the gate listens and how long to wait for it."""
 
-    __slots__ = ("socket_path", "timeout", "max_size", "max_recipients")
+    __slots__ = ("socket_path", "timeout", "max_size", "max_recipients", "user")
 
     def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT,
-                 max_size: int = 10 * 1024 * 1024, max_recipients: int = 1000) -> None:
+                 max_size: int = 10 * 1024 * 1024, max_recipients: int = 1000, user: str | None = None) -> None:
         self.socket_path, self.timeout = socket_path, timeout
         self.max_size, self.max_recipients = max_size, max_recipients
+        self.user = user  # the gate's Unix user; None: the socket file's owner
 
     @classmethod
     def from_config(cls, config: Config) -> GateTarget:
         assert config.gate.socket is not None
         return cls(config.gate.socket, config.gate.request_timeout,
-                   config.message.max_size, config.message.max_recipients)
+                   config.message.max_size, config.message.max_recipients, config.gate.user)
 
 
 # ------------------------------------------------------------------ entry points
@@ -138,11 +159,14 @@ def target_from_config_file(path: str) -> GateTarget | None:
     if settings is None:
         return None
     socket_path, timeout = settings.get("socket"), settings.get("request_timeout", DEFAULT_TIMEOUT)
+    user = settings.get("user")
     if not isinstance(socket_path, str) or not socket_path.startswith("/"):
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, float) or not 1 <= timeout <= 3600:
         return None
-    return GateTarget(socket_path, timeout)
+    if user is not None and not (isinstance(user, str) and user):
+        return None
+    return GateTarget(socket_path, timeout, user=user)
 
 
 def plain_gate_table(text: str) -> dict[str, str | float | bool] | None:
@@ -222,9 +246,12 @@ def _deliver(target: GateTarget, argv: list[str], stdin: BinaryIO, stderr: TextI
 
 def submit(target: GateTarget, argv: list[str], chunks: Iterable[bytes]) -> protocol.WireVerdict:
     """One request: argv[0] is the program name; ``chunks`` the message, each at most 64 KiB."""
+    encoded = [os.fsencode(arg) for arg in argv]
+    _check_argv_size(encoded)
     sock = _connect(target)
     try:
-        return _exchange(sock, target, argv, chunks)
+        _check_peer(sock, target)
+        return _exchange(sock, target, encoded, chunks)
     except (BrokenPipeError, ConnectionResetError, protocol.PeerClosed):
         raise GateNoVerdict(
             "not sent: the mail gate closed the connection before answering; try again, "
@@ -245,22 +272,66 @@ def submit(target: GateTarget, argv: list[str], chunks: Iterable[bytes]) -> prot
         sock.close()
 
 
+def _check_argv_size(argv: list[bytes]) -> None:
+    """The protocol's bounds on ARG frames, checked before anything is connected."""
+    total = sum(map(len, argv))
+    if total > protocol.MAX_ARGV_BYTES:
+        raise GateArgvTooLong(f"argument list too long ({total} bytes; at most {protocol.MAX_ARGV_BYTES})")
+    if len(argv) > protocol.MAX_ARGS:
+        raise GateArgvTooLong(f"argument list too long ({len(argv)} arguments; at most {protocol.MAX_ARGS})")
+    longest = max(map(len, argv), default=0)
+    if longest > protocol.MAX_PAYLOAD[protocol.ARG]:
+        raise GateArgvTooLong(f"argument too long ({longest} bytes; at most {protocol.MAX_PAYLOAD[protocol.ARG]})")
+
+
 def _connect(target: GateTarget) -> _socket.socket:
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.settimeout(target.timeout)
-    try:
-        sock.connect(target.socket_path)
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or type(exc).__name__
-        raise GateUnreachable(
-            f"not sent: the mail gate is not running (cannot connect to {target.socket_path}: "
-            f"{reason}); try again later, and tell the administrator if it persists"
-        ) from None
-    return sock
+    """Connected; a full listen backlog is retried with jittered backoff within the timeout."""
+    started = time.monotonic()
+    wait = CONNECT_FIRST_WAIT
+    while True:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(target.timeout)
+        try:
+            sock.connect(target.socket_path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+        except OSError as exc:
+            sock.close()
+            reason = exc.strerror or type(exc).__name__
+            raise GateUnreachable(
+                f"not sent: the mail gate is not running (cannot connect to {target.socket_path}: "
+                f"{reason}); try again later, and tell the administrator if it persists"
+            ) from None
+        waited = time.monotonic() - started
+        if waited >= target.timeout:
+            raise GateUnreachable(f"not sent: the mail gate at {target.socket_path} is busy (no connection slot "
+                                  f"for {round(waited, 1):g} s); try again in a moment")
+        jitter = 0.5 + int.from_bytes(os.urandom(2), "big") / 65536
+        time.sleep(min(wait * jitter, target.timeout - waited))
+        wait = min(wait * 2, CONNECT_LONGEST_WAIT)
 
 
-def _exchange(sock: _socket.socket, target: GateTarget, argv: list[str],
+def _check_peer(sock: _socket.socket, target: GateTarget) -> None:
+    """Root or the gate's user must answer, before one byte goes either way."""
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+    uid = int.from_bytes(creds[4:8], sys.byteorder)
+    if target.user:
+        import pwd
+
+        try:
+            gate_uid = pwd.getpwnam(target.user).pw_uid
+        except KeyError:
+            raise GateUserUnknown(f"not sent: configuration error: [gate] user: no Unix user named "
+                                  f"{target.user}; the administrator must fix it") from None
+    else:
+        gate_uid = os.stat(target.socket_path).st_uid
+    if uid not in (0, gate_uid):
+        raise GateImpostor(f"not sent: the process answering on {target.socket_path} runs as uid {uid}, not as "
+                           f"the mail gate's user (uid {gate_uid}); nothing was sent; tell the administrator")
+
+
+def _exchange(sock: _socket.socket, target: GateTarget, argv: list[bytes],
               chunks: Iterable[bytes]) -> protocol.WireVerdict:
     deadline = time.monotonic() + target.timeout
     kind, payload = protocol.read_frame(sock, deadline, protocol.GREETING + protocol.VERDICT)
@@ -270,7 +341,7 @@ def _exchange(sock: _socket.socket, target: GateTarget, argv: list[str],
         raise GateMismatch(f"not sent: the mail gate speaks {payload[:40]!r}, this sendmail "
                            f"{protocol.GREETING_TEXT!r}; the administrator must restart the gate")
     sock.settimeout(target.timeout)
-    pending = bytearray(b"".join(protocol.frame(protocol.ARG, os.fsencode(arg)) for arg in argv))
+    pending = bytearray(b"".join(protocol.frame(protocol.ARG, arg) for arg in argv))
     for chunk in chunks:
         pending += protocol.frame(protocol.DATA, chunk)
         sock.sendall(pending)
