@@ -3,6 +3,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DEB_OUT ?= build/deb
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null)
 RPM_OUT ?= build/rpm
 # The checkout as it stands: tracked files and new ones not ignored.
 SOURCES = git ls-files -z --cached --others --exclude-standard | \
@@ -44,8 +45,8 @@ deb:
 	$(SOURCES) | tar -xf - -C $(DEB_OUT)/src
 	cp -a packaging/debian $(DEB_OUT)/src/debian
 	cd $(DEB_OUT)/src && dpkg-buildpackage --build=binary --no-sign
-	lintian --fail-on error $(DEB_OUT)/sendmail-shim_$(VERSION)_all.deb
-	@echo "built $(DEB_OUT)/sendmail-shim_$(VERSION)_all.deb"
+	lintian --fail-on error $(DEB_OUT)/sendmail-shim_$(VERSION)_$(DEB_ARCH).deb
+	@echo "built $(DEB_OUT)/sendmail-shim_$(VERSION)_$(DEB_ARCH).deb"
 
 # The RPM, where rpmbuild exists. Off an RPM-based system BuildRequires cannot be checked.
 rpm:
