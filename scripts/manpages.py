@@ -180,7 +180,11 @@ def render_sendmail() -> str:
             "error.\n\n"
             "With [gate] socket set in the configuration, sendmail hands argv and the message to the "
             "gate, a local service running as its own user, and prints the gate's verdict; it then "
-            "reads no secret and opens no ledger itself.\n\n"
+            "reads no secret and opens no ledger itself. It sends nothing unless root or the gate's "
+            "user ([gate] user, else the socket file's owner) answers on the socket. The packages "
+            "install a small native program as /usr/sbin/sendmail for this path; every other call "
+            "(-bs, --help, --version, no gate configured) it hands to the Python front end "
+            "/usr/lib/sendmail-shim/sendmail with the same arguments.\n\n"
             "sendmail never writes to standard output except in -bs mode and for --help and "
             "--version: PHP passes that output through to the web page."),
         ".SH OPTIONS",

@@ -41,7 +41,7 @@ from . import gate_protocol as protocol
 from .config import Config, ConfigError, GateConfig
 from .invocation import UsageError, parse_argv
 from .message import MessageError, read_input
-from .pipeline import Caller, Runtime, Verdict, refuse, submit
+from .pipeline import Caller, Runtime, Verdict, decide, refuse
 
 MAX_CONNECTIONS = 256  # in all, whoever the callers are; each holds at most one message
 SHUTDOWN_GRACE = 30.0
@@ -96,6 +96,7 @@ def serve(config: Config, *, ready: Callable[[], None] | None = None) -> int:
     check_private_files(config)
     runtime = Runtime(config, in_gate=True)
     warm_up(runtime)
+    runtime.upstream.keep_ready()
     listener = open_listener(config.gate)
     gate = Gate(listener, runtime)
     if threading.current_thread() is threading.main_thread():
@@ -111,6 +112,7 @@ def serve(config: Config, *, ready: Callable[[], None] | None = None) -> int:
         gate.run()
     finally:
         listener.close()
+        runtime.upstream.close()
         runtime.ledger.close()
         _log(config, "info", event="gate-stop", socket=listener.where, pid=os.getpid())
     return os.EX_OK
@@ -441,7 +443,7 @@ class Connection:
         try:
             self._send(protocol.frame(protocol.GREETING, protocol.GREETING_TEXT))
             argv, upload = self._read_argv()
-            verdict = self._decide(argv, upload)
+            verdict, record = self._decide(argv, upload)
         except protocol.PeerClosed:
             self._log_broken("closed before the end of the request", "notice")
             return
@@ -458,9 +460,13 @@ class Connection:
             self._log_broken(f"connection error: {exc.strerror or exc}", "notice")
             return
         try:
-            self._answer(verdict, upload)
+            self._answer(verdict)
         except OSError as exc:  # the caller left; the log has the verdict
             self._log_broken(f"verdict not delivered: {exc.strerror or exc}", "notice")
+        finally:
+            record()  # the caller is not kept waiting for the settle, the decision record and the log
+        with contextlib.suppress(protocol.ProtocolError, OSError):
+            upload.drain()  # a refusal may come early; the rest of the request goes unread
 
     def _read_argv(self) -> tuple[list[str], Upload]:
         argv: list[str] = []
@@ -477,8 +483,8 @@ class Connection:
                                         f"{protocol.MAX_ARGV_BYTES} bytes of them")
             argv.append(os.fsdecode(payload))
 
-    def _decide(self, argv: list[str], upload: Upload) -> Verdict:
-        """The verdict; reading the message stops at its first refusal."""
+    def _decide(self, argv: list[str], upload: Upload) -> tuple[Verdict, Callable[[], None]]:
+        """The verdict and what to record after answering; reading the message stops at its first refusal."""
         try:
             invocation = parse_argv(argv[1:], argv[0])
             if invocation.mode != "deliver":
@@ -487,14 +493,12 @@ class Connection:
             # Returns only after END: a request cut short is never sent.
             raw = read_input(cast(BinaryIO, upload), self.config.message.max_size)
         except (UsageError, MessageError) as exc:
-            return refuse(exc, self.caller, self.runtime)
-        return submit(invocation, raw, self.caller, self.runtime)
+            return refuse(exc, self.caller, self.runtime), _nothing
+        return decide(invocation, raw, self.caller, self.runtime)
 
-    def _answer(self, verdict: Verdict, upload: Upload) -> None:
+    def _answer(self, verdict: Verdict) -> None:
         self._send(protocol.frame(protocol.VERDICT, _wire(verdict.code, verdict.line,
                                                            verdict.smtp_code, verdict.smtp_text).encode()))
-        with contextlib.suppress(protocol.ProtocolError, OSError):
-            upload.drain()  # a refusal may come early; the rest of the request goes unread
 
     def _answer_broken(self, code: int, line: str) -> None:
         with contextlib.suppress(OSError):
@@ -532,6 +536,10 @@ class Upload:
         while not self.ended:
             self._pending = b""
             self.read()
+
+
+def _nothing() -> None:
+    """Nothing left to record: refusals before the pipeline are recorded at once."""
 
 
 def _wire(code: int, line: str | None, smtp_code: int | None = None,

@@ -1,7 +1,8 @@
 """The mail's life as one call: (options, message bytes, caller) -> verdict.
 
 The ``sendmail`` command, the ``-bs`` dialogue and the gate all call
-``submit``; none of them decides anything itself.
+``submit`` (the gate calls ``decide``, to answer before the bookkeeping);
+none of them decides anything itself.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from . import accounts, exitcodes, maillog, queue, spf
@@ -28,7 +31,7 @@ from .relay import RelayError, RelayResult, Upstream
 if TYPE_CHECKING:
     from .dnsclient import Resolver
 
-__all__ = ["Caller", "Runtime", "Verdict", "refuse", "submit"]
+__all__ = ["Caller", "Runtime", "Verdict", "decide", "refuse", "submit"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,21 @@ class Runtime:
 
 def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime) -> Verdict:
     """Run one message through every stage and say what became of it."""
+    verdict, record = decide(invocation, raw, caller, runtime)
+    record()
+    return verdict
+
+
+def decide(invocation: Invocation, raw: bytes, caller: Caller,
+           runtime: Runtime) -> tuple[Verdict, Callable[[], None]]:
+    """The verdict as soon as it is final, and the bookkeeping that may follow the answer.
+
+    When the verdict is returned the outcome is already durable: the
+    reservation is committed (an unsettled one counts against the limits) and
+    the message is with the upstream or committed to the queue. What is left
+    -- the log line, and settling the reservation with the decision record in
+    one commit -- is the returned call, which the gate makes after answering.
+    """
     started = time.monotonic()
     fields: dict[str, object] = {"uid": caller.uid, "user": caller.user, "size": len(raw)}
     reservation: Reservation | None = None
@@ -92,8 +110,7 @@ def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
-    _record(runtime, verdict, reservation, outcome)
-    return verdict
+    return verdict, partial(_record, runtime, verdict, reservation, outcome)
 
 
 def _authorise(envelope: Envelope, message: Message, caller: Caller, runtime: Runtime) -> accounts.Account:

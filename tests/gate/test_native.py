@@ -553,7 +553,8 @@ def _native_is_stricter(raw: bytes) -> bool:
     return len(raw) > 64 * 1024 or any(c in controls or c in _UNICODE_SPACES for c in text)
 
 
-def _check_config(builds: Builds, place: Path, raw: bytes, name: str = "probe") -> None:
+def _check_config(builds: Builds, place: Path, raw: bytes, name: str = "probe") -> str:
+    """The native client decides as the Python client would; returns the decision."""
     config = place / "config.toml"
     config.write_bytes(raw)
     with FakeGate(place, _via_gate()) as gate:
@@ -562,7 +563,6 @@ def _check_config(builds: Builds, place: Path, raw: bytes, name: str = "probe") 
             expected = "front end"
         result = run(builds.clients[name], [b"-t"], MESSAGE, config, sanitized=name.endswith("asan"))
     assert _decision(result) == expected, (raw, result)
-    event(f"{expected}{' (stricter)' if _native_is_stricter(raw) else ''}")
     if expected == "gate" and user == "no-such-gate-user":
         assert result.code == 78
     elif expected == "gate" and user and not IS_ROOT:
@@ -570,6 +570,7 @@ def _check_config(builds: Builds, place: Path, raw: bytes, name: str = "probe") 
     elif expected == "gate":
         assert (result.code, line(result)) == (0, "sendmail: via the gate")
         assert len(gate.connections) == 1
+    return f"{expected}{' (stricter)' if _native_is_stricter(raw) else ''}"
 
 
 @pytest.mark.parametrize("text", PLAIN_CONFIGS + TRICKY_CONFIGS)
@@ -627,7 +628,7 @@ def _config_texts(sock: str) -> st.SearchStrategy[bytes]:
 def test_any_config_is_read_as_the_python_client_reads_it_or_left_to_the_front_end(builds: Builds, place: Path,
                                                                                    data: st.DataObject) -> None:
     raw = data.draw(_config_texts(str(place / "gate.sock")))
-    _check_config(builds, place, raw, data.draw(st.sampled_from(["probe", "probe", "probe-asan"])))
+    event(_check_config(builds, place, raw, data.draw(st.sampled_from(["probe", "probe", "probe-asan"]))))
 
 
 # ------------------------------------------------------------------ the program itself

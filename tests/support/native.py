@@ -27,9 +27,10 @@ def have_compiler() -> bool:
     return bool(shutil.which("make") and (shutil.which("cc") or shutil.which("gcc")))
 
 
-def build(out: Path, front_end: Path, *, sanitize: bool = False) -> Path:
-    """``make -C native`` into ``out``; the path of the program."""
+def build(out: Path, front_end: Path, *, sanitize: bool = False, flags: dict[str, str] | None = None) -> Path:
+    """``make -C native`` into ``out``; the path of the program. ``flags``: CFLAGS, LDFLAGS and the like."""
     args = ["make", "-s", "-C", str(SOURCE), f"O={out}", f"FRONT_END={front_end}"]
+    args += [f"{name}={value}" for name, value in (flags or {}).items()]
     if sanitize:
         args.append("SANITIZE=1")
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
