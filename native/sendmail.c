@@ -712,12 +712,12 @@ static enum status read_stdin(int fd, size_t *len, int *eof, int *answered, doub
             return saved_errno = ETIMEDOUT, FAILED;
         if (ready < 0 && errno != EINTR)
             return saved_errno = errno, FAILED;
-        if (ready > 0 && both[1].revents) {
-            *answered = 1;
-            return OK;
-        }
         if (ready < 0)
             continue;
+        if (!both[0].revents && both[1].revents) {
+            *answered = 1; /* the writer is silent and the gate has spoken (it gave up waiting) */
+            return OK;
+        }
         ssize_t got = read(STDIN_FILENO, into + *len, MAX_DATA - *len);
         if (got > 0) {
             *len += (size_t)got;
