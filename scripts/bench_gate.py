@@ -248,7 +248,10 @@ class Bench:
         found.append(Client("sendmail Python via gate, development", [SENDMAIL, "-t", "-i"], gate_env))
         found.append(Client("sendmail in-process", [SENDMAIL, "-t", "-i"],
                             dict(self.base_env, SENDMAIL_SHIM_CONFIG=str(local_config))))
-        # For reference: what starting the interpreter alone costs, sending nothing.
+        # For reference: what starting a process (and the interpreter) alone costs, sending nothing.
+        true = shutil.which("true", path="/usr/bin:/bin")
+        if true:
+            found.append(Client("reference: /bin/true", [true], dict(self.base_env)))
         found.append(Client("reference: python -c pass", [sys.executable, "-c", "pass"], dict(self.base_env)))
         if system:
             found.append(Client("reference: system python3 -IS -c pass", [system, "-IS", "-c", "pass"],
@@ -334,11 +337,13 @@ def measure(bench: Bench, upstream: SmtpUpstream, args: argparse.Namespace) -> d
     medians = per_call(clients, args.calls)
     by_name = {c.name: c for c in clients}
     senders = [c for c in clients if not c.name.startswith("reference")]
-    rates = {c.name: throughput(c, args.burst, args.parallel) for c in senders if "in-process" not in c.name}
+    rates = {c.name: throughput(c, args.burst, args.parallel) for c in senders
+             if "in-process" not in c.name and args.burst}  # --burst 0: per call only (e.g. to profile it)
     rss = {c.name: client_rss_kb(c) for c in senders}
     baseline_gate_kb = gate_peak_kb(gate_pid)
     callers = by_name[NATIVE]
-    throughput(callers, args.callers, args.callers)
+    if args.callers:
+        throughput(callers, args.callers, args.callers)
     gate_kb = gate_peak_kb(gate_pid)
     failures = {c.name: c.failures[:3] for c in clients if c.failures}
     expected = sum(len(c.times) + 1 for c in senders) + args.burst * len(rates) + 5 * len(rss) + args.callers
@@ -382,6 +387,32 @@ def report(medians: dict[str, float], rates: dict[str, float], rss: dict[str, in
     }
 
 
+# The gate's share of a message, stage by stage: (label, module, function), in the order they run.
+PROFILE_STAGES = [
+    ("the whole connection", "gate.py", "serve"),
+    ("  read the request (argv, message)", "gate.py", "_read_argv"),
+    ("  decide, up to the verdict", "pipeline.py", "decide"),
+    ("    account and caller", "pipeline.py", "_authorise"),
+    ("    reservation (one commit)", "ledger.py", "reserve"),
+    ("    SMTP transaction on a ready connection", "relay.py", "_transaction"),
+    ("  answer the client", "gate.py", "_answer"),
+    ("  after the answer: log, settle and record (one commit)", "pipeline.py", "_record"),
+]
+
+
+def print_profile(path: Path) -> None:
+    """Mean milliseconds per message of each stage, from the merged profile of the gate's connections."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    found = {(file.rsplit("/", 1)[-1], name): (calls, cumulative)
+             for (file, _, name), (_, calls, _, cumulative, _) in stats.items()}
+    print(f"the gate's share, per message, under cProfile (slower than without): {path}")
+    for label, module, function in PROFILE_STAGES:
+        calls, cumulative = found.get((module, function), (0, 0.0))
+        print(f"  {label:<58} {cumulative * 1000 / calls if calls else 0:7.2f} ms")
+
+
 def print_table(figures: dict[str, Any]) -> None:
     medians, rates, rss = (figures["per_call_median_ms"], figures["messages_per_second"],
                            figures["client_peak_rss_kb"])
@@ -410,12 +441,15 @@ def main(argv: list[str] | None = None, out: Callable[[dict[str, Any]], None] = 
     parser.add_argument("--burst", type=int, default=200, help="calls in the throughput run (default 200)")
     parser.add_argument("--parallel", type=int, default=8, help="calls at a time in it (default 8)")
     parser.add_argument("--callers", type=int, default=50, help="callers at once for the gate's RSS")
-    parser.add_argument("--profile", type=Path, help="run the gate under cProfile and write its profile here")
+    parser.add_argument("--profile", type=Path, help="run the gate under cProfile and write its profile here "
+                        "(with --burst 0 --callers 0: one call at a time only)")
     args = parser.parse_args(argv)
     figures = run(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(figures, indent=2) + "\n")
     out(figures)
+    if args.profile:
+        print_profile(args.profile)
     return 1 if figures["failures"] else 0
 
 

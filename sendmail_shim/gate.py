@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
 import selectors
 import signal
@@ -41,9 +42,10 @@ from . import gate_protocol as protocol
 from .config import Config, ConfigError, GateConfig
 from .invocation import UsageError, parse_argv
 from .message import MessageError, read_input
-from .pipeline import Caller, Runtime, Verdict, decide, refuse
+from .pipeline import Caller, Record, Runtime, Verdict, decide, record_together, refuse
 
 MAX_CONNECTIONS = 256  # in all, whoever the callers are; each holds at most one message
+MAX_RECORDS_PER_COMMIT = 64  # messages whose bookkeeping shares one ledger commit, at most
 SHUTDOWN_GRACE = 30.0
 SEND_TIMEOUT = 10.0  # for writing a verdict to a caller that does not read it
 SD_LISTEN_FDS_START = 3
@@ -98,7 +100,8 @@ def serve(config: Config, *, ready: Callable[[], None] | None = None) -> int:
     warm_up(runtime)
     runtime.upstream.keep_ready()
     listener = open_listener(config.gate)
-    gate = Gate(listener, runtime)
+    recorder = Recorder(config)
+    gate = Gate(listener, runtime, recorder)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: gate.stop())
@@ -112,6 +115,7 @@ def serve(config: Config, *, ready: Callable[[], None] | None = None) -> int:
         gate.run()
     finally:
         listener.close()
+        recorder.close()  # what was answered is recorded before the gate goes
         runtime.upstream.close()
         runtime.ledger.close()
         _log(config, "info", event="gate-stop", socket=listener.where, pid=os.getpid())
@@ -318,8 +322,8 @@ def _notify_systemd(state: bytes) -> None:
 class Gate:
     """Accepts connections, admits them per Unix user, and serves each in a thread."""
 
-    def __init__(self, listener: Listener, runtime: Runtime) -> None:
-        self.listener, self.runtime = listener, runtime
+    def __init__(self, listener: Listener, runtime: Runtime, recorder: Recorder | None = None) -> None:
+        self.listener, self.runtime, self.recorder = listener, runtime, recorder
         self.config = runtime.config
         self.per_uid: dict[int, int] = {}
         self.lock = threading.Lock()
@@ -406,7 +410,7 @@ class Gate:
     def _serve(self, conn: socket.socket, pid: int, uid: int) -> None:
         caller = Caller(uid=uid, user=_user_name(uid), pid=pid)  # the name lookup may be slow (NSS)
         try:
-            Connection(conn, caller, self.runtime).serve()
+            Connection(conn, caller, self.runtime, self.recorder).serve()
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the gate
             _log(self.config, "err", event="gate-internal-error", uid=caller.uid,
                  reason=f"{type(exc).__name__}: {exc}")
@@ -431,11 +435,64 @@ def _user_name(uid: int) -> str | None:
         return None
 
 
+class Recorder:
+    """The bookkeeping that follows the answers, several messages to one ledger commit.
+
+    Each connection hands over its Record once it has answered; this thread
+    logs and settles whatever is waiting in one transaction, so under load
+    the settle-and-record commit (and its fsync) is shared, and a message
+    costs about one commit, its reservation's.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._waiting: queue.SimpleQueue[Record | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="gate-recorder", daemon=True)
+        self._thread.start()
+
+    def put(self, record: Record) -> None:
+        self._waiting.put(record)
+
+    def close(self) -> None:
+        """Record what is still waiting, then stop."""
+        self._waiting.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch, stopping = self._take()
+            if not batch:
+                continue
+            try:
+                record_together(batch)
+            except Exception as exc:  # noqa: BLE001 - a bug in one batch must not stop the bookkeeping
+                _log(self.config, "err", event="gate-internal-error", records=len(batch),
+                     reason=f"{type(exc).__name__}: {exc}")
+
+    def _take(self) -> tuple[list[Record], bool]:
+        """What is waiting now (waiting for the first), and whether the gate is stopping."""
+        first = self._waiting.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        while len(batch) < MAX_RECORDS_PER_COMMIT:
+            try:
+                more = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                return batch, True
+            batch.append(more)
+        return batch, False
+
+
 class Connection:
     """One caller, one message: greeting, arguments, message, verdict."""
 
-    def __init__(self, conn: socket.socket, caller: Caller, runtime: Runtime) -> None:
-        self.conn, self.caller, self.runtime = conn, caller, runtime
+    def __init__(self, conn: socket.socket, caller: Caller, runtime: Runtime,
+                 recorder: Recorder | None = None) -> None:
+        self.conn, self.caller, self.runtime, self.recorder = conn, caller, runtime, recorder
         self.config = runtime.config
         self.deadline = time.monotonic() + self.config.gate.request_timeout
 
@@ -464,7 +521,11 @@ class Connection:
         except OSError as exc:  # the caller left; the log has the verdict
             self._log_broken(f"verdict not delivered: {exc.strerror or exc}", "notice")
         finally:
-            record()  # the caller is not kept waiting for the settle, the decision record and the log
+            # The caller is not kept waiting for the log line, the settle and the decision record.
+            if record is not None and self.recorder is not None:
+                self.recorder.put(record)
+            elif record is not None:
+                record()
         with contextlib.suppress(protocol.ProtocolError, OSError):
             upload.drain()  # a refusal may come early; the rest of the request goes unread
 
@@ -483,7 +544,7 @@ class Connection:
                                         f"{protocol.MAX_ARGV_BYTES} bytes of them")
             argv.append(os.fsdecode(payload))
 
-    def _decide(self, argv: list[str], upload: Upload) -> tuple[Verdict, Callable[[], None]]:
+    def _decide(self, argv: list[str], upload: Upload) -> tuple[Verdict, Record | None]:
         """The verdict and what to record after answering; reading the message stops at its first refusal."""
         try:
             invocation = parse_argv(argv[1:], argv[0])
@@ -493,7 +554,7 @@ class Connection:
             # Returns only after END: a request cut short is never sent.
             raw = read_input(cast(BinaryIO, upload), self.config.message.max_size)
         except (UsageError, MessageError) as exc:
-            return refuse(exc, self.caller, self.runtime), _nothing
+            return refuse(exc, self.caller, self.runtime), None  # recorded at once
         return decide(invocation, raw, self.caller, self.runtime)
 
     def _answer(self, verdict: Verdict) -> None:
@@ -536,10 +597,6 @@ class Upload:
         while not self.ended:
             self._pending = b""
             self.read()
-
-
-def _nothing() -> None:
-    """Nothing left to record: refusals before the pipeline are recorded at once."""
 
 
 def _wire(code: int, line: str | None, smtp_code: int | None = None,

@@ -1494,9 +1494,16 @@ class Ledger:
 
     def settle_and_record(self, reservation: Reservation, outcome: str, decision: dict[str, object]) -> None:
         """``settle`` and ``record_decision`` in one transaction: one commit (one fsync) per message."""
+        self.settle_and_record_all([(reservation, outcome, decision)])
+
+    def settle_and_record_all(self, items: Sequence[tuple[Reservation | None, str | None,
+                                                          dict[str, object]]]) -> None:
+        """Several messages' settles (where there is a reservation to settle) and decision rows, one commit."""
         with self._write() as tx:
-            self.settle_in(tx, reservation.id, outcome)
-            self._insert_decision(tx, decision)
+            for reservation, outcome, decision in items:
+                if reservation is not None and outcome is not None:
+                    self.settle_in(tx, reservation.id, outcome)
+                self._insert_decision(tx, decision)
 
     @staticmethod
     def _insert_decision(tx: _Tx, fields: dict[str, object]) -> None:

@@ -12,9 +12,8 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING
 
 from . import accounts, exitcodes, maillog, queue, spf
@@ -31,7 +30,7 @@ from .relay import RelayError, RelayResult, Upstream
 if TYPE_CHECKING:
     from .dnsclient import Resolver
 
-__all__ = ["Caller", "Runtime", "Verdict", "decide", "refuse", "submit"]
+__all__ = ["Caller", "Record", "Runtime", "Verdict", "decide", "record_together", "refuse", "submit"]
 
 
 @dataclass(frozen=True)
@@ -79,15 +78,15 @@ def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
     return verdict
 
 
-def decide(invocation: Invocation, raw: bytes, caller: Caller,
-           runtime: Runtime) -> tuple[Verdict, Callable[[], None]]:
+def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime) -> tuple[Verdict, Record]:
     """The verdict as soon as it is final, and the bookkeeping that may follow the answer.
 
     When the verdict is returned the outcome is already durable: the
     reservation is committed (an unsettled one counts against the limits) and
     the message is with the upstream or committed to the queue. What is left
     -- the log line, and settling the reservation with the decision record in
-    one commit -- is the returned call, which the gate makes after answering.
+    one commit -- is the returned Record, which the gate keeps for after its
+    answer (and commits together with other messages' records).
     """
     started = time.monotonic()
     fields: dict[str, object] = {"uid": caller.uid, "user": caller.user, "size": len(raw)}
@@ -110,7 +109,7 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller,
         outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
-    return verdict, partial(_record, runtime, verdict, reservation, outcome)
+    return verdict, Record(runtime, verdict, reservation, outcome)
 
 
 def _authorise(envelope: Envelope, message: Message, caller: Caller, runtime: Runtime) -> accounts.Account:
@@ -152,17 +151,30 @@ def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservati
     return _sent(result, fields), "sent"
 
 
-def _record(runtime: Runtime, verdict: Verdict, reservation: Reservation | None, outcome: str | None) -> None:
-    """Log the decision, and settle the reservation with the decision row in one commit."""
-    priority = "warning" if "alert" in verdict.fields else "info" if verdict.ok else "notice"
-    maillog.write(runtime.config.log, verdict.fields, priority)
-    # A ledger failure here leaves an unsettled reservation counting (the safe side), and the
-    # syslog line above as the record of last resort.
+@dataclass(frozen=True)
+class Record:
+    """What is left of a message once its verdict is out: the log line, the settle, the decision row."""
+
+    runtime: Runtime
+    verdict: Verdict
+    reservation: Reservation | None
+    outcome: str | None  # how the reservation is settled; None: nothing to settle (or the queue did it)
+
+    def __call__(self) -> None:
+        record_together([self])
+
+
+def record_together(records: Sequence[Record]) -> None:
+    """Log each decision, then settle the reservations and insert the decision rows in one commit."""
+    for record in records:
+        fields = record.verdict.fields
+        priority = "warning" if "alert" in fields else "info" if record.verdict.ok else "notice"
+        maillog.write(record.runtime.config.log, fields, priority)
+    # A ledger failure here leaves unsettled reservations counting (the safe side), and the
+    # syslog lines above as the record of last resort.
     with contextlib.suppress(LedgerError):
-        if reservation is not None and outcome is not None:
-            runtime.ledger.settle_and_record(reservation, outcome, verdict.fields)
-        else:
-            runtime.ledger.record_decision(**verdict.fields)
+        records[0].runtime.ledger.settle_and_record_all(
+            [(r.reservation, r.outcome, r.verdict.fields) for r in records])
 
 
 def _trace(runtime: Runtime, caller: Caller) -> str:
@@ -200,5 +212,5 @@ def _refused(exc: Exception, fields: dict[str, object]) -> Verdict:
 def refuse(exc: Exception, caller: Caller, runtime: Runtime) -> Verdict:
     """A refusal that happened before ``submit`` (such as reading stdin), logged the same way."""
     verdict = _refused(exc, {"uid": caller.uid, "user": caller.user})
-    _record(runtime, verdict, None, None)
+    Record(runtime, verdict, None, None)()
     return verdict

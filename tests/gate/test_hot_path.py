@@ -6,11 +6,17 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import trustme
 
+from sendmail_shim.config import load
+from sendmail_shim.gate import Recorder
+from sendmail_shim.invocation import parse_argv
+from sendmail_shim.pipeline import Caller, Runtime, decide
 from tests.gate.deployment import RELAY_PASSWORD, RELAY_USER, Deployment, message
+from tests.support.shim import Shim
 from tests.support.upstream import SmtpUpstream
 
 
@@ -82,3 +88,37 @@ def test_a_connection_the_upstream_dropped_while_idle_costs_no_message(deploymen
     verdicts = [line for line in deployment.log_lines() if "verdict=" in line]
     assert len(verdicts) == 2 and all("verdict=sent" in line for line in verdicts)  # sent, not queued
     assert deployment.admin("queue", "list", "--json").stdout.strip() in (b"[]", b"")
+
+
+def test_bookkeeping_waiting_together_shares_one_commit(shim: Shim, upstream: SmtpUpstream) -> None:
+    """Five messages answered while the ledger is busy: all recorded once it frees, in two commits at most."""
+    config = load(str(shim.config_path))
+    runtime = Runtime(config)
+    commits: list[int] = []
+    settle_and_record_all = runtime.ledger.settle_and_record_all
+
+    def counted(items: list[Any]) -> None:  # the real call, counted
+        commits.append(len(items))
+        settle_and_record_all(items)
+
+    runtime.ledger.settle_and_record_all = counted  # type: ignore[method-assign]
+    caller = Caller.current()
+    answered = [decide(parse_argv(["-t", "-i"]), message("post@kunde.example", subject=f"n{n}"), caller, runtime)
+                for n in range(5)]
+    assert [verdict.code for verdict, _ in answered] == [0] * 5 and len(upstream.wait_for(5)) == 5
+    holder = sqlite3.connect(shim.ledger.where, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the ledger is busy while the answers go out
+    recorder = Recorder(config)
+    try:
+        for _, record in answered:
+            recorder.put(record)
+        time.sleep(0.3)
+        assert _states(holder) == ["reserved"] * 5
+    finally:
+        holder.execute("COMMIT")
+    recorder.close()
+    assert _states(holder) == ["sent"] * 5
+    assert holder.execute("SELECT count(*) FROM decisions WHERE verdict = 'sent'").fetchone() == (5,)
+    assert sum(commits) == 5 and len(commits) <= 2
+    holder.close()
+    runtime.ledger.close()
