@@ -76,29 +76,32 @@ import sys
 from sendmail_shim.sendmail import main
 main()
 """
-# The gate with each connection's thread under cProfile, the profiles merged into one pstats
-# file at exit: what the gate's share of a call is spent on (cProfile alone sees only the
-# main thread, which only accepts).
+# The gate with each connection (and each batch of the recorder) under cProfile, the profiles
+# merged into one pstats file at exit: what the gate's share of a call is spent on (cProfile
+# alone sees only the main thread, which only accepts).
 PROFILED_GATE = """\
 import atexit, cProfile, pstats, sys, threading
 from sendmail_shim import gate
-profiles, lock, serve = [], threading.Lock(), gate.Connection.serve
-def profiled(self):
-    profile = cProfile.Profile()
-    profile.enable()
-    try:
-        serve(self)
-    finally:
-        profile.disable()
-        with lock:
-            profiles.append(profile)
+profiles, lock = [], threading.Lock()
+def profiled(work):
+    def run(*args):
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            return work(*args)
+        finally:
+            profile.disable()
+            with lock:
+                profiles.append(profile)
+    return run
 def dump(path=sys.argv.pop()):
     if profiles:
         stats = pstats.Stats(profiles[0])
         for profile in profiles[1:]:
             stats.add(profile)
         stats.dump_stats(path)
-gate.Connection.serve = profiled
+gate.Connection.serve = profiled(gate.Connection.serve)
+gate.record_together = profiled(gate.record_together)  # the recorder's work, after the answers
 atexit.register(dump)
 gate.main()
 """
@@ -396,7 +399,7 @@ PROFILE_STAGES = [
     ("    reservation (one commit)", "ledger.py", "reserve"),
     ("    SMTP transaction on a ready connection", "relay.py", "_transaction"),
     ("  answer the client", "gate.py", "_answer"),
-    ("  after the answer: log, settle and record (one commit)", "pipeline.py", "_record"),
+    ("after the answer, in the recorder: log, settle, record (one commit)", "pipeline.py", "record_together"),
 ]
 
 
