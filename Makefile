@@ -3,17 +3,23 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DEB_OUT ?= build/deb
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null)
 RPM_OUT ?= build/rpm
 # The checkout as it stands: tracked files and new ones not ignored.
 SOURCES = git ls-files -z --cached --others --exclude-standard | \
 	tar --null --no-recursion --ignore-failed-read -T - -cf - 2>/dev/null
 
-.PHONY: setup demo test lint bench clean deb rpm man
+.PHONY: setup demo test lint bench clean deb rpm man native
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/bootstrap
 	scripts/bootstrap
+
+# The native sendmail client (C, libc only) into build/native/sendmail; the packages build it
+# with their own flags. FRONT_END is the Python front end it hands other calls to.
+native:
+	$(MAKE) -C native O=$(abspath build/native)
 
 # The main job on the embedded default: a loopback STARTTLS upstream, an SQLite ledger,
 # a PHP mail() piped through `sendmail -t -i`, and what arrived.
@@ -41,8 +47,8 @@ deb:
 	$(SOURCES) | tar -xf - -C $(DEB_OUT)/src
 	cp -a packaging/debian $(DEB_OUT)/src/debian
 	cd $(DEB_OUT)/src && dpkg-buildpackage --build=binary --no-sign
-	lintian --fail-on error $(DEB_OUT)/sendmail-shim_$(VERSION)_all.deb
-	@echo "built $(DEB_OUT)/sendmail-shim_$(VERSION)_all.deb"
+	lintian --fail-on error $(DEB_OUT)/sendmail-shim_$(VERSION)_$(DEB_ARCH).deb
+	@echo "built $(DEB_OUT)/sendmail-shim_$(VERSION)_$(DEB_ARCH).deb"
 
 # The RPM, where rpmbuild exists. Off an RPM-based system BuildRequires cannot be checked.
 rpm:

@@ -187,7 +187,9 @@ def render_sendmail() -> str:
             "owner); anything else is exit 69 and nothing is sent. A gate whose backlog is full is "
             "waited for until [gate] request_timeout, then exit 69 saying the gate is busy. An "
             "argument list of more than 4096 words or 262144 bytes is exit 64 before anything is "
-            "sent.\n\n"
+            "sent. The packages install a small native program as /usr/sbin/sendmail for this path; "
+            "every other call (-bs, --help, --version, no gate configured) it hands to the Python "
+            "front end /usr/lib/sendmail-shim/sendmail with the same arguments.\n\n"
             "sendmail never writes to standard output except in -bs mode and for --help and "
             "--version: PHP passes that output through to the web page."),
         ".SH OPTIONS",

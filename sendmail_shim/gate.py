@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
 import selectors
 import signal
@@ -46,10 +47,11 @@ from . import gate_protocol as protocol
 from .config import Config, ConfigError, GateConfig, check_private_file
 from .invocation import UsageError, parse_argv
 from .message import MessageError, read_input
-from .pipeline import Caller, Runtime, Verdict, refuse, submit
+from .pipeline import Caller, Record, Runtime, Verdict, decide, record_together, refuse
 from .relay import Upstream, UpstreamUnavailable
 
 MAX_CONNECTIONS = 256  # in all, whoever the callers are; each holds at most one message
+MAX_RECORDS_PER_COMMIT = 64  # messages whose bookkeeping shares one ledger commit, at most
 BUSY_LOG_INTERVAL = 10.0  # one gate-busy line per uid this often, with a count: a flood must not flood the log
 TRUST_RETRY_FIRST, TRUST_RETRY_LONGEST = 5.0, 60.0  # re-probing a relay that was down at start
 SOMAXCONN_FILE = "/proc/sys/net/core/somaxconn"
@@ -111,9 +113,10 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
     guard = TrustGuard(config, identity, runtime, egress, prober)
     runtime.upstream = guard.upstream
     warm_up(runtime)
-    guard.start()
+    guard.start()  # verified: the upstream keeps a secured connection ready from here on
     listener = open_listener(config.gate, inherited)
-    gate = Gate(listener, runtime, guard)
+    recorder = Recorder(config)
+    gate = Gate(listener, runtime, guard, recorder)
     housekeeping = runtime.ledger.housekeeping(lambda event, fields: _log(
         config, "warning" if fields.get("failed") else "info", event=event, **fields))
     if threading.current_thread() is threading.main_thread():
@@ -129,6 +132,8 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
         housekeeping.stop()
         guard.close()
         listener.close()
+        recorder.close()  # what was answered is recorded before the gate goes
+        runtime.upstream.close()
         runtime.ledger.close()
         _log(config, "info", event="gate-stop", socket=listener.where, pid=os.getpid())
     return gate.exit_code
@@ -316,6 +321,7 @@ class TrustGuard:
         if self.prober is not None:
             self.prober.close()
             self.prober = None
+        self.upstream.keep_ready()  # from now on a message need not wait for TCP, TLS and AUTH
 
     def close(self) -> None:
         self._stopping.set()
@@ -586,8 +592,9 @@ def _notify_systemd(state: bytes) -> None:
 class Gate:
     """Accepts connections, admits them per Unix user, and serves each in a thread."""
 
-    def __init__(self, listener: Listener, runtime: Runtime, guard: TrustGuard) -> None:
-        self.listener, self.runtime, self.guard = listener, runtime, guard
+    def __init__(self, listener: Listener, runtime: Runtime, guard: TrustGuard,
+                 recorder: Recorder | None = None) -> None:
+        self.listener, self.runtime, self.guard, self.recorder = listener, runtime, guard, recorder
         self.config = runtime.config
         self.exit_code = os.EX_OK
         self.status = gate_status(self.config, listener, guard)
@@ -707,7 +714,7 @@ class Gate:
     def _serve(self, conn: socket.socket, pid: int, uid: int) -> None:
         caller = Caller(uid=uid, user=_user_name(uid), pid=pid)  # the name lookup may be slow (NSS)
         try:
-            Connection(conn, caller, self.runtime, self.status).serve()
+            Connection(conn, caller, self.runtime, self.status, self.recorder).serve()
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the gate
             _log(self.config, "err", event="gate-internal-error", uid=caller.uid,
                  reason=f"{type(exc).__name__}: {exc}")
@@ -750,12 +757,65 @@ def _user_label(uid: int) -> str:
     return _NAMES.get(uid) or f"uid {uid}"
 
 
+class Recorder:
+    """The bookkeeping that follows the answers, several messages to one ledger commit.
+
+    Each connection hands over its Record once it has answered; this thread
+    logs and settles whatever is waiting in one transaction, so under load
+    the settle-and-record commit (and its fsync) is shared, and a message
+    costs about one commit, its reservation's.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._waiting: queue.SimpleQueue[Record | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="gate-recorder", daemon=True)
+        self._thread.start()
+
+    def put(self, record: Record) -> None:
+        self._waiting.put(record)
+
+    def close(self) -> None:
+        """Record what is still waiting, then stop."""
+        self._waiting.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch, stopping = self._take()
+            if not batch:
+                continue
+            try:
+                record_together(batch)
+            except Exception as exc:  # noqa: BLE001 - a bug in one batch must not stop the bookkeeping
+                _log(self.config, "err", event="gate-internal-error", records=len(batch),
+                     reason=f"{type(exc).__name__}: {exc}")
+
+    def _take(self) -> tuple[list[Record], bool]:
+        """What is waiting now (waiting for the first), and whether the gate is stopping."""
+        first = self._waiting.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        while len(batch) < MAX_RECORDS_PER_COMMIT:
+            try:
+                more = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                return batch, True
+            batch.append(more)
+        return batch, False
+
+
 class Connection:
     """One caller, one message: greeting, arguments, message, verdict."""
 
     def __init__(self, conn: socket.socket, caller: Caller, runtime: Runtime,
-                 status: Callable[[], dict[str, object]]) -> None:
-        self.conn, self.caller, self.runtime, self.status = conn, caller, runtime, status
+                 status: Callable[[], dict[str, object]], recorder: Recorder | None = None) -> None:
+        self.conn, self.caller, self.runtime = conn, caller, runtime
+        self.status, self.recorder = status, recorder
         self.config = runtime.config
         self.deadline = time.monotonic() + self.config.gate.request_timeout
 
@@ -767,7 +827,7 @@ class Connection:
                 self._answer_query(payload)
                 return
             argv, upload = self._read_argv(payload)
-            verdict = self._decide(argv, upload)
+            verdict, record = self._decide(argv, upload)
         except protocol.PeerClosed:
             self._log_broken("closed before the end of the request", "notice")
             return
@@ -785,9 +845,17 @@ class Connection:
             self._log_broken(f"connection error: {exc.strerror or exc}", "notice")
             return
         try:
-            self._answer(verdict, upload)
+            self._answer(verdict)
         except OSError as exc:  # the caller left; the log has the verdict
             self._log_broken(f"verdict not delivered: {exc.strerror or exc}", "notice")
+        finally:
+            # The caller is not kept waiting for the log line, the settle and the decision record.
+            if record is not None and self.recorder is not None:
+                self.recorder.put(record)
+            elif record is not None:
+                record()
+        with contextlib.suppress(protocol.ProtocolError, OSError):
+            upload.drain()  # a refusal may come early; the rest of the request goes unread
 
     def _answer_query(self, question: bytes) -> None:
         """Facts about the gate, for root and the gate's own user only."""
@@ -813,8 +881,8 @@ class Connection:
                 return too_long or argv, Upload(self.conn, self.deadline, kind, payload)
             count, total = count + 1, total + len(payload)
 
-    def _decide(self, argv: list[str] | str, upload: Upload) -> Verdict:
-        """The verdict; reading the message stops at its first refusal."""
+    def _decide(self, argv: list[str] | str, upload: Upload) -> tuple[Verdict, Record | None]:
+        """The verdict and what to record after answering; reading the message stops at its first refusal."""
         try:
             if isinstance(argv, str):
                 raise UsageError(argv)
@@ -825,14 +893,12 @@ class Connection:
             # Returns only after END: a request cut short is never sent.
             raw = read_input(cast(BinaryIO, upload), self.config.message.max_size)
         except (UsageError, MessageError) as exc:
-            return refuse(exc, self.caller, self.runtime)
-        return submit(invocation, raw, self.caller, self.runtime)
+            return refuse(exc, self.caller, self.runtime), None  # recorded at once
+        return decide(invocation, raw, self.caller, self.runtime)
 
-    def _answer(self, verdict: Verdict, upload: Upload) -> None:
+    def _answer(self, verdict: Verdict) -> None:
         self._send(protocol.frame(protocol.VERDICT, _wire(verdict.code, verdict.line,
                                                            verdict.smtp_code, verdict.smtp_text).encode()))
-        with contextlib.suppress(protocol.ProtocolError, OSError):
-            upload.drain()  # a refusal may come early; the rest of the request goes unread
 
     def _answer_broken(self, code: int, line: str) -> None:
         with contextlib.suppress(OSError):

@@ -44,6 +44,7 @@ DEFAULT_CONFIG_PATH = "/etc/sendmail-shim/config.toml"
 DEFAULT_TIMEOUT = 120.0
 # Options whose value is the rest of the word or the next word (as in invocation.py).
 VALUE_OPTION_LETTERS = frozenset("frFbBNRVoOLhA")
+# Waits between connects while the gate's listen backlog is full, before jitter.
 
 
 class GateClientError(Exception):

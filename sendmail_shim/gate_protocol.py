@@ -62,6 +62,14 @@ VERDICT payload: the exit code (1 byte), the SMTP reply code for ``-bs``
 (2 bytes, big-endian), then UTF-8 text: the stderr line (empty when there is
 none), a line feed, and the SMTP reply text.
 
+Two clients speak it: ``gate_client`` (Python) and ``native/sendmail.c``,
+which follow the same rules on the client's side too, line for line: the
+argument list is checked against MAX_ARGS, MAX_ARGV_BYTES and ARG's maximum
+before connecting (exit 64); a connect refused for a full listen backlog is
+retried with jittered backoff until ``request_timeout``; and before one byte
+is exchanged the peer (``SO_PEERCRED``) must be root or the gate's user
+(``[gate] user``, else the socket file's owner).
+
 The client's identity is never in the protocol: the gate asks the kernel
 (``SO_PEERCRED``). Anything else -- an unknown type, a frame out of order, a
 length over its type's maximum, the connection closing before END, or a

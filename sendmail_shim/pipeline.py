@@ -1,7 +1,8 @@
 """The mail's life as one call: (options, message bytes, caller) -> verdict.
 
 The ``sendmail`` command, the ``-bs`` dialogue and the gate all call
-``submit``; none of them decides anything itself.
+``submit`` (the gate calls ``decide``, to answer before the bookkeeping);
+none of them decides anything itself.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,7 @@ from .relay import RelayError, RelayResult, Upstream
 if TYPE_CHECKING:
     from .dnsclient import Resolver
 
-__all__ = ["Caller", "Runtime", "Verdict", "refuse", "submit"]
+__all__ = ["Caller", "Record", "Runtime", "Verdict", "decide", "record_together", "refuse", "submit"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,21 @@ class Runtime:
 
 def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime) -> Verdict:
     """Run one message through every stage and say what became of it."""
+    verdict, record = decide(invocation, raw, caller, runtime)
+    record()
+    return verdict
+
+
+def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime) -> tuple[Verdict, Record]:
+    """The verdict as soon as it is final, and the bookkeeping that may follow the answer.
+
+    When the verdict is returned the outcome is already durable: the
+    reservation is committed (an unsettled one counts against the limits) and
+    the message is with the upstream or committed to the queue. What is left
+    -- the log line, and settling the reservation with the decision record in
+    one commit -- is the returned Record, which the gate keeps for after its
+    answer (and commits together with other messages' records).
+    """
     started = time.monotonic()
     fields: dict[str, object] = {"uid": caller.uid, "user": caller.user, "size": len(raw)}
     reservation: Reservation | None = None
@@ -94,8 +111,7 @@ def submit(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
-    _record(runtime, verdict, reservation, outcome)
-    return verdict
+    return verdict, Record(runtime, verdict, reservation, outcome)
 
 
 def _authorise(envelope: Envelope, message: Message, caller: Caller, runtime: Runtime) -> accounts.Account:
@@ -139,17 +155,30 @@ def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservati
     return _sent(result, fields), "sent"
 
 
-def _record(runtime: Runtime, verdict: Verdict, reservation: Reservation | None, outcome: str | None) -> None:
-    """Log the decision, and settle the reservation with the decision row in one commit."""
-    priority = "warning" if "alert" in verdict.fields else "info" if verdict.ok else "notice"
-    maillog.write(runtime.config.log, verdict.fields, priority)
-    # A ledger failure here leaves an unsettled reservation counting (the safe side), and the
-    # syslog line above as the record of last resort.
+@dataclass(frozen=True)
+class Record:
+    """What is left of a message once its verdict is out: the log line, the settle, the decision row."""
+
+    runtime: Runtime
+    verdict: Verdict
+    reservation: Reservation | None
+    outcome: str | None  # how the reservation is settled; None: nothing to settle (or the queue did it)
+
+    def __call__(self) -> None:
+        record_together([self])
+
+
+def record_together(records: Sequence[Record]) -> None:
+    """Log each decision, then settle the reservations and insert the decision rows in one commit."""
+    for record in records:
+        fields = record.verdict.fields
+        priority = "warning" if "alert" in fields else "info" if record.verdict.ok else "notice"
+        maillog.write(record.runtime.config.log, fields, priority)
+    # A ledger failure here leaves unsettled reservations counting (the safe side), and the
+    # syslog lines above as the record of last resort.
     with contextlib.suppress(LedgerError):
-        if reservation is not None and outcome is not None:
-            runtime.ledger.settle_and_record(reservation, outcome, verdict.fields)
-        else:
-            runtime.ledger.record_decision(**verdict.fields)
+        records[0].runtime.ledger.settle_and_record_all(
+            [(r.reservation, r.outcome, r.verdict.fields) for r in records])
 
 
 def _trace(runtime: Runtime, caller: Caller) -> str:
@@ -187,5 +216,5 @@ def _refused(exc: Exception, fields: dict[str, object]) -> Verdict:
 def refuse(exc: Exception, caller: Caller, runtime: Runtime) -> Verdict:
     """A refusal that happened before ``submit`` (such as reading stdin), logged the same way."""
     verdict = _refused(exc, {"uid": caller.uid, "user": caller.user})
-    _record(runtime, verdict, None, None)
+    Record(runtime, verdict, None, None)()
     return verdict

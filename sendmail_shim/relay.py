@@ -79,13 +79,26 @@ class RelayResult:
 
 # Reuse of secured connections (the gate): how long one may wait idle, how long one may live
 # at all (as Postfix's smtp_connection_reuse_time_limit), and how many may wait at once.
-REUSE_IDLE_SECONDS = 10.0
+REUSE_IDLE_SECONDS = 30.0
 REUSE_MAX_AGE_SECONDS = 300.0
 REUSE_MAX_IDLE = 8
+# A connection whose last reply came this recently is used without an RSET probe first; if
+# it turns out closed after all, MAIL gets no answer and a fresh connection takes the message.
+REUSE_TRUSTED_SECONDS = 2.0
+# The gate keeps one secured connection ready while messages have flowed this recently.
+KEEP_READY_SECONDS = 300.0
+KEEPER_INTERVAL = 0.5
+KEEPER_MAX_BACKOFF = 60.0
+
+
+class _StaleConnection(smtplib.SMTPServerDisconnected):
+    """A reused connection the upstream had closed: MAIL got no answer, so nothing was sent."""
 
 
 class _Connection(smtplib.SMTP):
     """smtplib with TCP_NODELAY (no Nagle stalls on small commands)."""
+
+    reused_unprobed = False  # taken from the pool without an RSET: MAIL is the first sign of life
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
@@ -101,8 +114,12 @@ class Upstream:
         self.config_path = config_path
         self._tls: ssl.SSLContext | None = None
         self.reuse = reuse  # keep secured, authenticated connections between messages
-        self._idle: list[tuple[_Connection, float, float]] = []  # (connection, opened, idle since)
+        self._idle: list[tuple[_Connection, float, float]] = []  # (connection, opened, last reply)
         self._idle_lock = threading.Lock()
+        self._last_message = time.monotonic()
+        self._closing = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self._keeper_failures = 0
 
     @property
     def tls_context(self) -> ssl.SSLContext:
@@ -168,7 +185,18 @@ class Upstream:
     def _send(self, envelope: Envelope, message: Message, all_or_nothing: bool) -> RelayResult:
         cfg = self.config
         host = f"{cfg.host}:{cfg.port}"
-        smtp, opened = self._reused() or (self._open(host), time.monotonic())
+        self._last_message = time.monotonic()
+        reused = self._reused()
+        if reused is not None:
+            try:
+                return self._send_on(reused, host, envelope, message, all_or_nothing)
+            except _StaleConnection:
+                pass  # closed while it waited; MAIL was not answered, so a fresh connection takes it
+        return self._send_on((self._open(host), time.monotonic()), host, envelope, message, all_or_nothing)
+
+    def _send_on(self, connection: tuple[_Connection, float], host: str, envelope: Envelope, message: Message,
+                 all_or_nothing: bool) -> RelayResult:
+        smtp, opened = connection
         clean = False
         try:
             wire = for_upstream(
@@ -195,14 +223,17 @@ class Upstream:
         return smtp
 
     def _reused(self) -> tuple[_Connection, float] | None:
-        """An idle connection that still answers RSET with 250, or None."""
+        """An idle connection that answered a moment ago or still answers RSET with 250, or None."""
         while True:
             with self._idle_lock:
                 if not self._idle:
                     return None
-                smtp, opened, idle_since = self._idle.pop()
+                smtp, opened, last_reply = self._idle.pop()
             now = time.monotonic()
-            if now - idle_since <= REUSE_IDLE_SECONDS and now - opened <= REUSE_MAX_AGE_SECONDS:
+            if now - last_reply <= REUSE_IDLE_SECONDS and now - opened <= REUSE_MAX_AGE_SECONDS:
+                if now - last_reply <= REUSE_TRUSTED_SECONDS:
+                    smtp.reused_unprobed = True
+                    return smtp, opened
                 try:
                     if smtp.rset()[0] == 250:
                         return smtp, opened
@@ -219,10 +250,54 @@ class Upstream:
         _close(smtp)
 
     def close(self) -> None:
-        """Close the connections kept for reuse."""
+        """Stop keeping a connection ready and close the connections kept for reuse."""
+        self._closing.set()
+        if self._keeper is not None:
+            self._keeper.join(10)
         with self._idle_lock:
             idle, self._idle = self._idle, []
         for smtp, _, _ in idle:
+            _close(smtp)
+
+    def keep_ready(self) -> None:
+        """Keep one secured connection open, so that a message need not wait for TCP, TLS and AUTH.
+
+        For the gate: a background thread opens one at once and again whenever
+        none is idle, for as long as messages have flowed in the last
+        KEEP_READY_SECONDS; idle ones are closed when they expire. A failure to
+        connect is retried with backoff; the messages meanwhile connect as usual.
+        """
+        if self.reuse and self._keeper is None:
+            self._keeper = threading.Thread(target=self._keep, name="upstream-keeper", daemon=True)
+            self._keeper.start()
+
+    def _keep(self) -> None:
+        pause = KEEPER_INTERVAL
+        while not self._closing.wait(pause):
+            self._close_expired()
+            pause = KEEPER_INTERVAL
+            with self._idle_lock:
+                wanted = not self._idle and time.monotonic() - self._last_message <= KEEP_READY_SECONDS
+            if not wanted:
+                continue
+            try:
+                self._release(self._open(f"{self.config.host}:{self.config.port}"), time.monotonic())
+            except (RelayError, ConfigError, smtplib.SMTPException, OSError):
+                self._keeper_failures += 1  # the messages meanwhile connect (and fail) as usual
+                pause = min(KEEPER_MAX_BACKOFF, KEEPER_INTERVAL * 2 ** self._keeper_failures)
+            else:
+                self._keeper_failures = 0
+
+    def _close_expired(self) -> None:
+        now = time.monotonic()
+        expired: list[tuple[_Connection, float, float]] = []
+        kept: list[tuple[_Connection, float, float]] = []
+        with self._idle_lock:
+            for entry in self._idle:
+                fresh = now - entry[2] <= REUSE_IDLE_SECONDS and now - entry[1] <= REUSE_MAX_AGE_SECONDS
+                (kept if fresh else expired).append(entry)
+            self._idle = kept
+        for smtp, _, _ in expired:
             _close(smtp)
 
     def _secure(self, smtp: _Connection, host: str) -> None:
@@ -295,7 +370,7 @@ def classify(exc: OSError, host: str) -> RelayError:
 
 def _transaction(smtp: _Connection, host: str, envelope: Envelope, data: bytes, options: list[str],
                  all_or_nothing: bool) -> RelayResult:
-    code, reply = smtp.mail(envelope.mail_from, options)
+    code, reply = _mail(smtp, envelope, options)
     if code != 250:
         raise _reply_error(code, reply, "MAIL FROM", host)
     accepted: list[str] = []
@@ -321,6 +396,20 @@ def _transaction(smtp: _Connection, host: str, envelope: Envelope, data: bytes, 
     if code != 250:
         raise _reply_error(code, reply, "the end of the data", host)
     return RelayResult(code, _text(reply), tuple(accepted), deferred, refused)
+
+
+def _mail(smtp: _Connection, envelope: Envelope, options: list[str]) -> tuple[int, bytes]:
+    """MAIL FROM; on a connection reused unprobed, no answer or 421 (closing) means it was stale."""
+    unprobed, smtp.reused_unprobed = smtp.reused_unprobed, False
+    try:
+        code, reply = smtp.mail(envelope.mail_from, options)
+    except (smtplib.SMTPServerDisconnected, OSError) as exc:
+        if unprobed:
+            raise _StaleConnection(str(exc)) from None
+        raise
+    if unprobed and code == 421:
+        raise _StaleConnection(_text(reply))
+    return code, reply
 
 
 def _mail_options(smtp: _Connection, envelope: Envelope, wire: object) -> list[str]:

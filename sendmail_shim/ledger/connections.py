@@ -78,6 +78,9 @@ class SqliteBackend:
         self.where = path
         self._lock = threading.Lock()
         self._idle: list[tuple[int, Any]] = []  # (pid that opened it, connection)
+        # Writers of this process queue here, handed the lock at once, rather than in SQLite's
+        # busy handler, which polls in sleeps of milliseconds; other processes still wait there.
+        self._writer = threading.Lock()
 
     def _borrow(self) -> Any:
         with self._lock:
@@ -93,6 +96,19 @@ class SqliteBackend:
 
     @contextmanager
     def transaction(self, *, write: bool) -> Iterator[Tx]:
+        import sqlite3
+
+        if not write:
+            yield from self._transaction(write=False)
+            return
+        if not self._writer.acquire(timeout=self.busy_timeout):
+            raise sqlite_error(sqlite3.OperationalError("database is locked"), self.path, self.busy_timeout)
+        try:
+            yield from self._transaction(write=True)
+        finally:
+            self._writer.release()
+
+    def _transaction(self, *, write: bool) -> Iterator[Tx]:
         import sqlite3
 
         connection = self._borrow()

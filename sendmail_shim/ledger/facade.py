@@ -178,9 +178,16 @@ class Ledger:
 
     def settle_and_record(self, reservation: Reservation, outcome: str, decision: dict[str, object]) -> None:
         """``settle`` and ``record_decision`` in one transaction: one commit (one fsync) per message."""
+        self.settle_and_record_all([(reservation, outcome, decision)])
+
+    def settle_and_record_all(self, items: Sequence[tuple[Reservation | None, str | None,
+                                                          dict[str, object]]]) -> None:
+        """Several messages' settles (where there is a reservation to settle) and decision rows, one commit."""
         with self.store.write() as tx:
-            self.rates.settle_in(tx, reservation.id, outcome)
-            insert_decision(tx, decision)
+            for reservation, outcome, decision in items:
+                if reservation is not None and outcome is not None:
+                    self.rates.settle_in(tx, reservation.id, outcome)
+                insert_decision(tx, decision)
 
     def recent_decisions(self, limit: int = 50, *, account: str | None = None,
                          customer: str | None = None) -> list[Decision]:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,8 +11,11 @@ import trustme
 
 from tests.gate.deployment import (
     IS_ROOT,
+    LAUNCHER,
+    PYTHON_CLIENT,
     RELAY_PASSWORD,
     RELAY_USER,
+    Client,
     Deployment,
     Interpreter,
     Users,
@@ -17,9 +23,12 @@ from tests.gate.deployment import (
     create_users,
     find_interpreter,
 )
+from tests.support import native
 from tests.support.upstream import SmtpUpstream
 
 needs_users = pytest.mark.skipif(not IS_ROOT, reason="separate Unix users need root (CI runs as root)")
+# Every sendmail client a site may meet: the client tests run against each of them.
+CLIENT_NAMES = ["python", "native", "native-asan"]
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +43,35 @@ def users() -> Iterator[Users]:
 @pytest.fixture(scope="session")
 def interpreter(users: Users) -> Interpreter:
     return find_interpreter(users.a)
+
+
+@pytest.fixture(scope="session")
+def native_clients(interpreter: Interpreter) -> Iterator[dict[str, Client]]:
+    """The native client built twice (plain, and with the sanitizers), in a place every user can run."""
+    if not native.have_compiler():
+        pytest.skip("the native client needs make and a C compiler (scripts/bootstrap installs them)")
+    base = Path(tempfile.mkdtemp(prefix="shim-native-"))
+    os.chmod(base, 0o755)
+    try:
+        front_end = base / "sendmail-front-end"  # what a package has in /usr/lib/sendmail-shim/sendmail
+        front_end.write_text(f"#!{interpreter.executable}\n{LAUNCHER}")
+        os.chmod(front_end, 0o755)
+        plain = native.build(base / "plain", front_end)
+        sanitized = native.build(base / "asan", front_end, sanitize=True)
+        yield {"native": Client("native", plain),
+               "native-asan": Client("native-asan", sanitized, dict(native.SANITIZER_ENV))}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def client(native_clients: dict[str, Client]) -> Client:
+    """The sendmail the deployment's sites run: the package's native one (test_client.py runs each)."""
+    return native_clients["native"]
+
+
+def pick_client(name: str, native_clients: dict[str, Client]) -> Client:
+    return PYTHON_CLIENT if name == "python" else native_clients[name]
 
 
 @pytest.fixture
@@ -57,9 +95,9 @@ def ledger_template(users: Users, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture
 def deployment(users: Users, interpreter: Interpreter, relay: SmtpUpstream, ca: trustme.CA,
-               ledger_template: Path) -> Iterator[Deployment]:
+               ledger_template: Path, client: Client, native_clients: dict[str, Client]) -> Iterator[Deployment]:
     """Files, config and ledger in place; the gate not yet started."""
-    built = Deployment(users, interpreter, relay.port, ca.cert_pem.bytes())
+    built = Deployment(users, interpreter, relay.port, ca.cert_pem.bytes(), client=client, native=native_clients)
     try:
         built.install_ledger(ledger_template)
         yield built

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.native import SANITIZER_ENV, SANITIZER_EXIT, SANITIZER_REPORTS
 from tests.support.shim import ADMIN, SENDMAIL, dump_toml, update_section
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,25 @@ code = run(sys.argv[0], sys.argv[1:], sys.stdin.buffer, sys.stdout.buffer, sys.s
 sys.stderr.flush()
 sys.exit(code)
 """
+
+
+# ------------------------------------------------------------------ the sendmail clients
+
+
+@dataclass(frozen=True)
+class Client:
+    """One ``sendmail`` a site may run: the Python fast path, or a build of the native client."""
+
+    name: str  # "python", "native" or "native-asan"
+    binary: Path | None = None  # None: the Python launcher
+    env: dict[str, str] = field(default_factory=dict)  # e.g. the sanitizers' options
+
+    @property
+    def sanitized(self) -> bool:
+        return self.name.endswith("-asan")
+
+
+PYTHON_CLIENT = Client("python")
 
 
 # ------------------------------------------------------------------ users
@@ -247,8 +267,11 @@ class Deployment:
     """Files, config and the gate process of one shared server."""
 
     def __init__(self, users: Users, interpreter: Interpreter, upstream_port: int, ca_pem: bytes,
-                 *, credentials: bool = True) -> None:
+                 *, credentials: bool = True, client: Client = PYTHON_CLIENT,
+                 native: dict[str, Client] | None = None) -> None:
         self.users, self.python = users, interpreter
+        self.client = client
+        self.native = native or {}  # every native build, by name, for comparisons
         self.base = Path(tempfile.mkdtemp(prefix="shim-gate-"))
         os.chmod(self.base, 0o755)
         self.etc, self.run_dir = self.base / "etc", self.base / "run"
@@ -271,6 +294,7 @@ class Deployment:
             "upstream": {"host": "127.0.0.1", "port": upstream_port, "ca_file": str(ca_file), "timeout": 10},
             "ledger": {"url": f"sqlite:///{self.ledger_path}"},
             "spf": {"enabled": False},
+            # The socket is bound as root (as systemd does) and served by the gate's user.
             "gate": {"socket": str(self.socket_path), "request_timeout": 10, "user": users.gate.name},
             "log": {"syslog": False, "file": str(self.log_path)},
         }
@@ -302,10 +326,17 @@ class Deployment:
         return path
 
     def _write_launchers(self) -> None:
-        for name, text in (("sendmail", LAUNCHER), ("sendmail-full", FULL_FRONT_END_LAUNCHER)):
+        """bin/sendmail is this deployment's client; bin/sendmail-NAME each client by name."""
+        for name, text in (("sendmail-python", LAUNCHER), ("sendmail-full", FULL_FRONT_END_LAUNCHER)):
             script = self.bin / name
             script.write_text(f"#!{self.python.executable}\n{text}")
             os.chmod(script, 0o755)
+        for client in self.native.values():
+            assert client.binary is not None
+            shutil.copy(client.binary, self.bin / f"sendmail-{client.name}")
+        chosen = self.client.binary or self.bin / "sendmail-python"
+        shutil.copy(chosen, self.bin / "sendmail")
+        os.chmod(self.bin / "sendmail", 0o755)
 
     def admin(self, *args: str) -> Result:
         """The admin CLI, as root (or the current user) with the same config."""
@@ -412,16 +443,27 @@ class Deployment:
     # -------------------------------------------------------------- sites
 
     def client_env(self, **extra: str) -> dict[str, str]:
-        return {**self.python.env(), "SENDMAIL_SHIM_CONFIG": str(self.config_path), **extra}
+        return {**self.python.env(), **self.client.env, "SENDMAIL_SHIM_CONFIG": str(self.config_path), **extra}
 
     def sendmail(self, *args: str, input: bytes = b"", user: User | None = None, full: bool = False,
-                 env: dict[str, str] | None = None, timeout: float = 60, measure_rss: bool = False) -> Result:
-        """``sendmail`` as a site runs it: as the site's Unix user, with the public config."""
+                 env: dict[str, str] | None = None, timeout: float = 60, measure_rss: bool = False,
+                 program: str = "sendmail") -> Result:
+        """``sendmail`` as a site runs it: as the site's Unix user, with the public config.
+
+        ``program`` picks another client from bin/ (``sendmail-python``, ``sendmail-native``).
+        """
         user = user or self.users.a
-        launcher = self.bin / ("sendmail-full" if full else "sendmail")
-        return run_process([str(launcher), *args], input=input, env=env or self.client_env(),
-                           cwd=str(self.base), timeout=timeout, options=user.run_options(),
-                           measure_rss=measure_rss)
+        launcher = self.bin / ("sendmail-full" if full else program)
+        sanitized = not full and (program.endswith("-asan") or (program == "sendmail" and self.client.sanitized))
+        env = env or self.client_env()
+        if sanitized:
+            env = {**SANITIZER_ENV, **env}
+        result = run_process([str(launcher), *args], input=input, env=env, cwd=str(self.base), timeout=timeout,
+                             options=user.run_options(), measure_rss=measure_rss)
+        if sanitized:  # a fault the sanitizers found fails every test that met it
+            assert result.code != SANITIZER_EXIT, result.stderr
+            assert not any(report in result.stderr for report in SANITIZER_REPORTS), result.stderr
+        return result
 
     def run_as(self, user: User, code: str, timeout: float = 60) -> Result:
         """A Python snippet as ``user``: what a hostile site could try by hand."""
@@ -451,5 +493,5 @@ def message(sender: str = "post@a.example", to: str = "ola@x.example", subject: 
     return f"From: {sender}\nTo: {to}\nSubject: {subject}\n\nHello from the site.\n".encode()
 
 
-__all__ = ["SENDMAIL", "Deployment", "Interpreter", "Result", "User", "Users", "create_users",
+__all__ = ["SENDMAIL", "Client", "Deployment", "Interpreter", "Result", "User", "Users", "create_users",
            "build_ledger_template", "find_interpreter", "message", "proc_status", "run_process"]

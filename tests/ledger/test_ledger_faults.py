@@ -69,6 +69,35 @@ def test_busy_sqlite_ledger_fails_closed_after_the_timeout(sqlite_url: str) -> N
     slow.reserve(account, 1, message_id="<m@x>", now=NOON)  # free again
 
 
+def test_writers_of_one_process_take_turns_within_the_busy_timeout(sqlite_url: str) -> None:
+    """The gate's threads queue for the write lock in the process: a turn within the timeout is
+    taken, a writer held longer gets the same clear refusal as one held by another process."""
+    ledger = open_ledger(sqlite_url)
+    account = add_account(ledger)
+    shared = Ledger(sqlite_url, busy_timeout=0.3)
+
+    def hold(seconds: float, inside: threading.Event) -> None:
+        with shared.transaction(write=True):
+            inside.set()
+            time.sleep(seconds)
+
+    for seconds, refused in ((0.1, False), (1.0, True)):
+        inside = threading.Event()
+        holder = threading.Thread(target=hold, args=(seconds, inside))
+        holder.start()
+        assert inside.wait(5)
+        try:
+            if refused:
+                with pytest.raises(LedgerUnavailable) as caught:
+                    shared.reserve(account, 1, message_id="<late@x>", now=NOON)
+                assert str(caught.value) == f"the ledger {ledger.where} stayed busy for 0.3 s; try again later"
+            else:
+                shared.reserve(account, 1, message_id="<turn@x>", now=NOON)
+        finally:
+            holder.join()
+    assert [send.message_id for send in shared.list_sends("account", account.address)] == ["<turn@x>"]
+
+
 def test_busy_postgresql_customer_fails_closed_after_the_timeout(
         postgres_cluster: PostgresCluster, pg_url: str) -> None:
     ledger = open_ledger(pg_url)

@@ -28,6 +28,12 @@ from tests.support.upstream import SmtpUpstream
 
 pytestmark = pytest.mark.skipif(not (shutil.which("dpkg-buildpackage") and shutil.which("lintian")),
                                 reason="dpkg-dev, debhelper and lintian are needed (scripts/bootstrap)")
+FRONT_END = "usr/lib/sendmail-shim/sendmail"  # the Python front end the native sendmail hands calls to
+
+
+def architecture() -> str:
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 @dataclass
@@ -43,7 +49,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     proc = subprocess.run(["make", "-s", "deb", f"DEB_OUT={out}"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    deb = out / f"sendmail-shim_{version()}_all.deb"
+    deb = out / f"sendmail-shim_{version()}_{architecture()}.deb"
     root = out / "root"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     return Built(deb, proc.stdout + proc.stderr, root)
@@ -72,8 +78,8 @@ def test_it_is_a_debian_mta(built: Built) -> None:
     for name in ("Provides", "Conflicts", "Replaces"):
         assert "mail-transport-agent" in field(built.deb, name)
     assert field(built.deb, "Version") == version()
-    assert field(built.deb, "Architecture") == "all"
-    assert "python3" in field(built.deb, "Depends")
+    assert field(built.deb, "Architecture") == architecture()
+    assert "python3" in field(built.deb, "Depends") and "libc6" in field(built.deb, "Depends")
 
 
 def test_it_provides_sendmail_where_programs_look_for_it(built: Built) -> None:
@@ -89,17 +95,41 @@ def test_it_provides_sendmail_where_programs_look_for_it(built: Built) -> None:
 
 
 def test_the_launchers_run_isolated_from_the_callers_environment(built: Built) -> None:
-    for launcher in ("usr/sbin/sendmail", "usr/bin/sendmail-shim"):
+    for launcher in (FRONT_END, "usr/bin/sendmail-shim"):
         first = (built.root / launcher).read_text().splitlines()[0]
         assert first == "#!/usr/bin/python3 -IS"
+
+
+def _elf(path: Path, *what: str) -> str:
+    return subprocess.run(["readelf", "-W", *what, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def test_sendmail_is_the_native_client_built_hardened(built: Built) -> None:
+    binary = built.root / "usr/sbin/sendmail"
+    assert binary.read_bytes()[:4] == b"\x7fELF"
+    assert "Position-Independent Executable" in _elf(binary, "-h")
+    dynamic = _elf(binary, "-d")
+    assert re.findall(r"\(NEEDED\)\s+Shared library: \[(.*?)\]", dynamic) == ["libc.so.6"]
+    assert "BIND_NOW" in dynamic and "GNU_RELRO" in _elf(binary, "-l")  # full RELRO
+    symbols = _elf(binary, "--dyn-syms")
+    assert "__stack_chk_fail" in symbols  # -fstack-protector-strong
+    assert re.search(r"__\w+_chk\b", symbols.replace("__stack_chk_fail", ""))  # _FORTIFY_SOURCE
+    assert not re.search(r"^.*\.symtab", _elf(binary, "-S"), flags=re.MULTILINE)  # stripped
+
+
+def test_the_native_client_hands_other_calls_to_the_packaged_front_end(built: Built) -> None:
+    """The front end's path is in the binary, fixed at build time; the launcher there runs the package."""
+    assert f"/{FRONT_END}\0".encode() in (built.root / "usr/sbin/sendmail").read_bytes()
+    launcher = (built.root / FRONT_END).read_text()
+    assert 'sys.path.append("/usr/lib/sendmail-shim")' in launcher and "sendmail_shim.sendmail import main" in launcher
 
 
 def test_it_ships_no_bytecode_and_no_build_paths(built: Built) -> None:
     files = contents(built.deb)
     assert not [path for path in files if path.endswith(".pyc") or "__pycache__" in path]
     assert not [path for path in files if path.endswith("direct_url.json")]
-    for launcher in ("usr/sbin/sendmail", "usr/bin/sendmail-shim"):
-        assert str(REPO) not in (built.root / launcher).read_text()
+    for program in ("usr/sbin/sendmail", FRONT_END, "usr/bin/sendmail-shim"):
+        assert str(REPO).encode() not in (built.root / program).read_bytes()
 
 
 def test_the_config_is_a_conffile_that_an_upgrade_keeps(built: Built) -> None:
@@ -200,7 +230,7 @@ def packaged(built: Built, tmp_path: Path) -> Iterator[dict[str, Path]]:
     """The package's two launchers, pointed at its unpacked libraries."""
     library = built.root / "usr/lib/sendmail-shim"
     launchers = {}
-    for name, path in (("sendmail", "usr/sbin/sendmail"), ("sendmail-shim", "usr/bin/sendmail-shim")):
+    for name, path in (("sendmail", FRONT_END), ("sendmail-shim", "usr/bin/sendmail-shim")):
         script = tmp_path / "bin" / name
         script.parent.mkdir(exist_ok=True)
         script.write_text((built.root / path).read_text().replace('"/usr/lib/sendmail-shim"', repr(str(library))))

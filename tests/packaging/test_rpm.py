@@ -21,7 +21,8 @@ def rpm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(["make", "-s", "rpm", f"RPM_OUT={out}"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out / "RPMS" / "noarch" / f"sendmail-shim-{version()}-1.noarch.rpm"
+    arch = subprocess.run(["rpm", "--eval", "%{_arch}"], capture_output=True, text=True, check=True).stdout.strip()
+    return out / "RPMS" / arch / f"sendmail-shim-{version()}-1.{arch}.rpm"
 
 
 def query(rpm: Path, *what: str) -> str:
@@ -63,9 +64,19 @@ def test_the_service_user_is_created_before_the_files(rpm: Path) -> None:
     assert "useradd -r" in pre and "/sbin/nologin" in pre and "/var/lib/sendmail-shim" in pre
 
 
+def test_sendmail_is_the_native_client_and_hands_other_calls_to_the_front_end(rpm: Path, tmp_path: Path) -> None:
+    assert "libc.so.6" in query(rpm, "--requires")  # found by rpm's dependency scan of the binary
+    cpio = subprocess.run(["rpm2cpio", str(rpm)], capture_output=True, check=True).stdout
+    subprocess.run(["cpio", "-idm", "--quiet"], input=cpio, cwd=tmp_path, check=True)
+    binary = (tmp_path / "usr/sbin/sendmail.sendmail-shim").read_bytes()
+    assert binary[:4] == b"\x7fELF" and b"/usr/lib/sendmail-shim/sendmail\0" in binary
+    assert (tmp_path / "usr/lib/sendmail-shim/sendmail").read_text().startswith("#!/usr/bin/python3 -IS\n")
+
+
 def test_it_ships_the_units_man_pages_and_launchers(rpm: Path) -> None:
     files = set(query(rpm, "-l").split())
-    for path in ("/usr/bin/sendmail-shim", "/usr/lib/systemd/system/sendmail-shim-queue.timer",
+    for path in ("/usr/bin/sendmail-shim", "/usr/lib/sendmail-shim/sendmail",
+                 "/usr/lib/systemd/system/sendmail-shim-queue.timer",
                  "/usr/lib/systemd/system/sendmail-shim-queue.service",
                  "/usr/share/man/man8/sendmail.sendmail-shim.8.gz", "/usr/share/man/man8/sendmail-shim.8.gz",
                  "/usr/share/man/man5/sendmail-shim.toml.5.gz", "/usr/lib/sendmail-shim/sendmail_shim/cli.py"):

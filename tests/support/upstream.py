@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class Script:
     replies: dict[str, str] = field(default_factory=dict)
     drop_ehlo: tuple[str, ...] = ()
     drop_after_data: bool = False  # store the message, then cut the connection before the reply
+    on_data: Callable[[], None] | None = None  # called once the message is stored, before the reply
 
 
 class _Handler:
@@ -68,6 +70,8 @@ class _Handler:
     async def handle_EHLO(self, server: SMTP, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
+        if session.ssl is not None:
+            self.upstream.secured_sessions += 1
         drop = tuple(d.upper() for d in self.upstream.script.drop_ehlo)
         return [r for r in responses if not r[4:].upper().startswith(drop)]
 
@@ -103,6 +107,8 @@ class _Handler:
             tls=session.ssl is not None,
             authenticated=bool(session.authenticated),
         ))
+        if self.upstream.script.on_data is not None:
+            self.upstream.script.on_data()
         if self.upstream.script.drop_after_data:
             server.transport.abort()  # the reply to the final dot is lost
         return "250 2.0.0 queued as TEST"
@@ -143,10 +149,11 @@ class SmtpUpstream:
     def __init__(self, ca: trustme.CA | None, *, cert_ca: trustme.CA | None = None,
                  smtputf8: bool = True, credentials: tuple[str, str] | None = None,
                  script: Script | None = None, hostname: str = "127.0.0.1", port: int | None = None,
-                 trust_addresses: bool = False) -> None:
+                 trust_addresses: bool = False, idle_timeout: float | None = None) -> None:
         self.port = port or free_port()
         self.host = hostname
         self.received: list[Received] = []
+        self.secured_sessions = 0  # EHLO inside TLS: one per secured connection
         self.script = script or Script()
         self.auth_attempts: list[tuple[str, str]] = []
         tls = None
@@ -157,6 +164,8 @@ class SmtpUpstream:
             "tls_context": tls, "require_starttls": tls is not None,
             "enable_SMTPUTF8": smtputf8, "decode_data": False,
         }
+        if idle_timeout is not None:  # close a connection that says nothing for this long
+            kwargs["timeout"] = idle_timeout
         if credentials is not None:
             # As the provider's relay must be: no MAIL without AUTH (unless told to trust addresses).
             kwargs.update(authenticator=self._authenticator(credentials), auth_require_tls=True,
