@@ -123,7 +123,7 @@ EXIT_MEANINGS: dict[int, str] = {
               "queued for a retry after a temporary upstream failure.",
     os.EX_USAGE: "A bad or refused option (see REFUSED OPTIONS).",
     os.EX_DATAERR: "A malformed message: NUL bytes, header defects, several From headers, no From "
-                   "and no sender, too large, or not representable for the upstream.",
+                   "and no sender and no default sender, too large, or not representable for the upstream.",
     os.EX_NOINPUT: "Empty input.",
     os.EX_NOUSER: "The sending account is not registered, or no recipient is a valid address.",
     os.EX_UNAVAILABLE: "A rate limit is reached (the line says when the next message fits); the "
@@ -219,9 +219,16 @@ def render_sendmail() -> str:
             "Line endings may be LF, CRLF or mixed; all become CRLF before anything else reads the "
             "message. With -i or -oi every line is data; without it a line holding only a dot ends "
             "the message and a leading double dot becomes one dot. Bcc headers are removed; Date and "
-            "Message-ID are added when missing. Raw UTF-8 headers go as they are to an upstream that "
-            "offers SMTPUTF8 and are RFC 2047-encoded otherwise; an 8-bit body goes with "
-            "BODY=8BITMIME or is re-encoded as quoted-printable."),
+            "Message-ID are added when missing. Header lines over 998 octets are folded, never refused: "
+            "address headers at the commas, others at white space. Header bytes that are not UTF-8 are "
+            "decoded with the message's declared charset, else [message] legacy_charset. Raw UTF-8 "
+            "headers go as they are to an upstream that offers SMTPUTF8 and are RFC 2047-encoded "
+            "otherwise; an 8-bit body goes with BODY=8BITMIME or is re-encoded as quoted-printable."),
+        *prose(
+            "The envelope sender is -f or -r, else the From address. When neither says, a caller whose "
+            "Unix user is bound to a customer sends as its default sender (sendmail-shim customer set), "
+            "and a From without a domain, such as cron's root (Cron Daemon), stands for it and keeps "
+            "its display name."),
         ".SH EXIT STATUS",
         *prose("PHP's mail() reports success for exit 0 only, so 0 means the upstream accepted the message "
                "or it is durably queued; 75 (EX_TEMPFAIL) is never used."),
@@ -382,7 +389,8 @@ SECTION_TEXT: dict[str, str] = {
            "sender's domain and, when it differs, the From domain. A DNS failure is never a pass.",
     "limits": 'Rules are "N messages / W" or "N recipients / W" with W in s, m, h or d; windows are exact '
               "and rolling. Overrides per account or customer are set with sendmail-shim override set.",
-    "message": "Bounds on what one call may submit.",
+    "message": "Bounds on what one call may submit, and how what real clients write is read. Header lines "
+               "over 998 octets are folded for the upstream, never refused.",
     "gate": "The local service that sendmail submits through on shared servers (sendmail-shim serve).",
     "queue": "A temporary upstream failure puts the message in a durable queue, retried with growing "
              "delays by sendmail-shim queue run; expiry or a permanent failure sends a bounce to the sender.",
@@ -425,8 +433,12 @@ KEY_TEXT: dict[str, str] = {
     "limits.customer": "The rules for all of a customer's accounts together.",
     "message.max_size": "The most bytes read from standard input; more is refused with exit 65.",
     "message.max_recipients": "The most unique recipients of one message; more is refused with exit 77.",
-    "message.qualify_domain": 'The domain completing addresses without one (cron\'s "From: root"). '
-                              "Unset: such addresses are refused.",
+    "message.qualify_domain": 'The domain completing recipients without one (cron\'s "MAILTO=root"), and a '
+                              "From without one when the caller has no default sender. Unset: such "
+                              "recipients are refused.",
+    "message.max_header_size": "The most bytes of the whole header section; more is refused with exit 65.",
+    "message.legacy_charset": "The charset decoding header bytes that are not UTF-8 when the message's "
+                              "Content-Type declares none that does; it must keep ASCII as it is.",
     "gate.socket": "The gate's UNIX socket. When set, sendmail submits through the gate; unset, it "
                    "runs the checks itself.",
     "gate.user": "The gate's Unix user. sendmail sends nothing to a process on the socket that runs as "

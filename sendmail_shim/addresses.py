@@ -12,6 +12,7 @@ dropped, IDNA A-labels; quoted local parts unquoted when they need no quotes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 _ATEXT_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
@@ -67,6 +68,18 @@ class Group:
 Address = Mailbox | Group
 
 
+@dataclass(frozen=True)
+class LocalPart:
+    """A mailbox with no domain, as cron writes ``From: root (Cron Daemon)``.
+
+    It names a user of this machine, not an address anyone can reply to: the
+    envelope stage decides which address it stands for.
+    """
+
+    local: str
+    display_name: str | None = None
+
+
 def quote_local(local: str) -> str:
     if _is_dot_atom(local):
         return local
@@ -116,9 +129,11 @@ class _Token:
     kind: str  # "atom", "qstring", or the special character itself
     text: str
     spaced: bool  # whitespace or a comment came before it
+    start: int = 0  # where it starts in the text
 
 
-def _tokenize(text: str) -> list[_Token]:
+def _tokenize(text: str, comments: dict[int, str] | None = None) -> list[_Token]:
+    """The tokens; ``comments`` gets each comment's text, keyed by the number of tokens before it."""
     tokens: list[_Token] = []
     i, spaced = 0, False
     while i < len(text):
@@ -131,19 +146,23 @@ def _tokenize(text: str) -> list[_Token]:
                 raise AddressError("line break inside an address")
             i, spaced = i + 2, True
         elif char == "(":
-            i, spaced = _skip_comment(text, i), True
+            end = _skip_comment(text, i)
+            if comments is not None:
+                comments.setdefault(len(tokens), _comment_text(text[i + 1:end - 1]))
+            i, spaced = end, True
         elif char == '"':
+            start = i
             value, i = _read_quoted(text, i)
-            tokens.append(_Token("qstring", value, spaced))
+            tokens.append(_Token("qstring", value, spaced, start))
             spaced = False
         elif char in _SPECIALS:
-            tokens.append(_Token(char, char, spaced))
+            tokens.append(_Token(char, char, spaced, i))
             i, spaced = i + 1, False
         elif _is_atext(char):
             start = i
             while i < len(text) and _is_atext(text[i]):
                 i += 1
-            tokens.append(_Token("atom", text[start:i], spaced))
+            tokens.append(_Token("atom", text[start:i], spaced, start))
             spaced = False
         else:
             raise AddressError(f"character {char!r} is not allowed in an address")
@@ -167,6 +186,12 @@ def _skip_comment(text: str, i: int) -> int:
                 return i + 1
         i += 1
     raise AddressError("unclosed comment '(' in address")
+
+
+def _comment_text(inner: str) -> str:
+    """A comment's words, as a display name: quoted pairs resolved, white space collapsed."""
+    unquoted = re.sub(r"\\(.)", r"\1", inner)
+    return " ".join(unquoted.split())
 
 
 def _read_quoted(text: str, i: int) -> tuple[str, int]:
@@ -194,9 +219,12 @@ class _Parser:
     def __init__(self, text: str, qualify_domain: str | None) -> None:
         if "\0" in text:
             raise AddressError("NUL byte in address")
-        self.tokens = _tokenize(text)
+        self.comments: dict[int, str] = {}
+        self.tokens = _tokenize(text, self.comments)
         self.pos = 0
         self.qualify_domain = qualify_domain
+        self.bare: LocalPart | None = None  # set instead of failing when asked to keep a domain-less mailbox
+        self.keep_bare = False
 
     def peek(self, offset: int = 0) -> _Token | None:
         index = self.pos + offset
@@ -316,12 +344,16 @@ class _Parser:
         return domain
 
     def _qualified(self, local: str, name: str | None) -> Mailbox:
+        if self.keep_bare and self.bare is None:
+            # "root (Cron Daemon)": the comment after the address is its old-style display name.
+            self.bare = LocalPart(self._checked_local(local), name or self.comments.get(self.pos) or None)
+            return Mailbox(local, "", name)
         if not self.qualify_domain:
             raise AddressError(f"{local!r} has no domain (no '@')")
         return self._mailbox(local, self.qualify_domain, name)
 
     @staticmethod
-    def _mailbox(local: str, domain: str, name: str | None) -> Mailbox:
+    def _checked_local(local: str) -> str:
         if not local:
             raise AddressError("empty local part")
         if len(local.encode()) > MAX_LOCAL:
@@ -331,7 +363,11 @@ class _Parser:
         if local.startswith("-"):
             # Legal, but an argv-shaped address is far likelier an option injection.
             raise AddressError(f"{local!r} starts with '-'")
-        mailbox = Mailbox(local, canonical_domain(domain), name)
+        return local
+
+    @classmethod
+    def _mailbox(cls, local: str, domain: str, name: str | None) -> Mailbox:
+        mailbox = Mailbox(cls._checked_local(local), canonical_domain(domain), name)
         if len(mailbox.address.encode()) > MAX_ADDRESS:
             raise AddressError(f"address longer than {MAX_ADDRESS} octets")
         return mailbox
@@ -356,3 +392,20 @@ def parse_mailbox(text: str, qualify_domain: str | None = None) -> Mailbox:
     if len(items) != 1 or not isinstance(items[0], Mailbox):
         raise AddressError("must be exactly one address")
     return items[0]
+
+
+def parse_author(text: str) -> Mailbox | LocalPart:
+    """A From header's one mailbox; one without a domain comes back as a LocalPart."""
+    parser = _Parser(text, None)
+    parser.keep_bare = True
+    items = parser.address_list()
+    if len(items) != 1 or not isinstance(items[0], Mailbox):
+        raise AddressError("must be exactly one address")
+    return parser.bare if parser.bare is not None else items[0]
+
+
+def list_separators(text: str) -> list[int]:
+    """Where the commas between the addresses of an address list are (never inside a name or comment)."""
+    parser = _Parser(text, "fold.invalid")
+    parser.address_list()  # only a list that parses is folded at its commas
+    return [token.start for token in parser.tokens if token.kind == ","]

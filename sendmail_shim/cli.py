@@ -149,15 +149,30 @@ def scope_of(account: str | None, customer: str | None) -> tuple[str, str]:
 # --------------------------------------------------------------------------- JSON shapes
 
 
-def account_doc(account: AccountEntry) -> dict[str, Any]:
+def default_sender_uses(account: AccountEntry, customer: Customer | None) -> tuple[bool, list[str]]:
+    """Whether the account is its customer's default sender, and for which Unix users' bindings."""
+    if customer is None:
+        return False, []
+    users = [user for user, address in customer.user_default_senders if address == account.address]
+    return customer.default_sender == account.address, users
+
+
+def account_doc(account: AccountEntry, customer: Customer | None = None) -> dict[str, Any]:
+    is_default, users = default_sender_uses(account, customer)
     return {"address": account.address, "customer": account.customer_id,
             "authenticated": account.authenticated, "blocked": account.blocked,
-            "block_reason": account.block_reason}
+            "block_reason": account.block_reason, "default_sender": is_default,
+            "default_sender_unix_users": users}
 
 
 def customer_doc(customer: Customer) -> dict[str, Any]:
+    own = dict(customer.user_default_senders)
     return {"id": customer.id, "unix_users": list(customer.unix_users),
-            "domains": list(customer.domains), "accounts": customer.accounts}
+            "domains": list(customer.domains), "accounts": customer.accounts,
+            "default_sender": customer.default_sender,
+            "bindings": [{"unix_user": user, "default_sender": own.get(user),
+                          "sends_as": own.get(user) or customer.default_sender}
+                         for user in customer.unix_users]}
 
 
 def override_doc(override: Override) -> dict[str, Any]:
@@ -176,11 +191,21 @@ def usage_doc(usage: RuleUsage) -> dict[str, Any]:
             "override": override_doc(usage.override) if usage.override else None}
 
 
-def account_line(account: AccountEntry) -> str:
+def account_line(account: AccountEntry, customer: Customer | None = None) -> str:
     state = "authenticated" if account.authenticated else "not authenticated"
     if account.blocked:
         state += f", BLOCKED ({account.block_reason or 'no reason given'})"
+    is_default, users = default_sender_uses(account, customer)
+    if is_default:
+        state += ", default sender"
+    if users:
+        state += f", default sender of {', '.join(users)}"
     return f"{account.address}  customer={account.customer_id}  {state}"
+
+
+def show_account(state: State, found: AccountEntry, as_json: bool) -> None:
+    owner = state.ledger.get_customer(found.customer_id)
+    show(as_json, account_doc(found, owner), account_line(found, owner))
 
 
 def override_line(override: Override) -> str:
@@ -335,25 +360,73 @@ def require_unix_users(names: Sequence[str], allow_missing: bool) -> None:
                                    f"or bind it ahead of its creation with --allow-missing-user") from None
 
 
+DEFAULT_SENDER_HELP = ("One of the customer's accounts: its sites send as it when a message names no "
+                       "sender (no -f, no From, or a From such as cron's 'root').")
+
+
 @customer.command("add", epilog=example("sendmail-shim customer add kunde1 --unix-user web1"))
 @click.argument("customer_id", metavar="ID")
 @click.option("--unix-user", "unix_users", multiple=True, metavar="USER",
               help="A Unix user whose sites send for this customer (repeatable); it must exist.")
 @allow_missing_user_option
+@click.option("--default-sender", metavar="ADDRESS", help=DEFAULT_SENDER_HELP)
 @json_option
 @pass_state
 def customer_add(state: State, customer_id: str, unix_users: tuple[str, ...], allow_missing_user: bool,
-                 as_json: bool) -> None:
-    """Add a customer (or keep an existing one) and bind Unix users to it."""
+                 default_sender: str | None, as_json: bool) -> None:
+    """Add a customer (or keep an existing one) and bind Unix users to it.
+
+    A default sender must already be an account of the customer, so it can be
+    given once the customer exists (repeating customer add is safe).
+    """
     require_unix_users(unix_users, allow_missing_user)
-    found = state.ledger.add_customer(customer_id, unix_users, actor=state.actor)
+    found = state.ledger.add_customer(customer_id, unix_users, default_sender=default_sender,
+                                      actor=state.actor)
+    show_customer(found, as_json)
+
+
+def show_customer(found: Customer, as_json: bool) -> None:
     show(as_json, customer_doc(found), _customer_text(found))
 
 
 def _customer_text(found: Customer) -> str:
-    users = ", ".join(found.unix_users) or "-"
+    own = dict(found.user_default_senders)
+    users = ", ".join(f"{u} (default sender {own[u]})" if u in own else u for u in found.unix_users) or "-"
     domains = ", ".join(found.domains) or "-"
-    return f"{found.id}  unix users: {users}  domains: {domains}  accounts: {found.accounts}"
+    text = f"{found.id}  unix users: {users}  domains: {domains}  accounts: {found.accounts}"
+    return text + (f"  default sender: {found.default_sender}" if found.default_sender else "")
+
+
+@customer.command("set", epilog=example("sendmail-shim customer set kunde1 --default-sender post@kunde.example"))
+@click.argument("customer_id", metavar="ID")
+@click.option("--default-sender", metavar="ADDRESS", help=DEFAULT_SENDER_HELP)
+@click.option("--no-default-sender", is_flag=True, help="Clear the default sender.")
+@click.option("--unix-user", metavar="USER",
+              help="Set it for this one binding of the customer instead (it wins over the customer's).")
+@json_option
+@pass_state
+def customer_set(state: State, customer_id: str, default_sender: str | None, no_default_sender: bool,
+                 unix_user: str | None, as_json: bool) -> None:
+    """Change a customer's default sender, or (with --unix-user) one Unix-user binding's.
+
+    A binding's own default sender wins over the customer's, for a customer with
+    several sites: customer set kunde1 --unix-user web2 --default-sender shop@kunde.example
+    """
+    if (default_sender is None) == (not no_default_sender):
+        raise click.UsageError("give exactly one of --default-sender ADDRESS or --no-default-sender")
+    found = state.ledger.set_default_sender(customer_id, default_sender, unix_user=unix_user,
+                                            actor=state.actor)
+    show_customer(found, as_json)
+
+
+@customer.command("show", epilog=example("sendmail-shim customer show kunde1 --json"))
+@click.argument("customer_id", metavar="ID")
+@json_option
+@pass_state
+def customer_show(state: State, customer_id: str, as_json: bool) -> None:
+    """Show one customer: Unix users, domains, accounts and default senders."""
+    found = state.ledger.get_customer(customer_id)
+    show_customer(found, as_json)
 
 
 @customer.command("bind", epilog=example("sendmail-shim customer bind kunde1 web2"))
@@ -366,7 +439,7 @@ def customer_bind(state: State, customer_id: str, unix_user: str, allow_missing_
     """Bind a Unix user to a customer: its sites may send only from that customer's accounts."""
     require_unix_users([unix_user], allow_missing_user)
     found = state.ledger.bind_user(customer_id, unix_user, actor=state.actor)
-    show(as_json, customer_doc(found), _customer_text(found))
+    show_customer(found, as_json)
 
 
 @customer.command("unbind", epilog=example("sendmail-shim customer unbind web2"))
@@ -413,7 +486,7 @@ def account_add(state: State, address: str, customer_id: str, authenticated: boo
     """
     found = state.ledger.add_account(address, customer_id, authenticated=authenticated,
                                      actor=state.actor)
-    show(as_json, account_doc(found), account_line(found))
+    show_account(state, found, as_json)
 
 
 @account.command("authenticate", epilog=example(
@@ -425,7 +498,7 @@ def account_add(state: State, address: str, customer_id: str, authenticated: boo
 def account_authenticate(state: State, address: str, revoke: bool, as_json: bool) -> None:
     """Mark an account authenticated for sending from web hosting (or revoke it)."""
     found = state.ledger.authenticate(address, not revoke, actor=state.actor)
-    show(as_json, account_doc(found), account_line(found))
+    show_account(state, found, as_json)
 
 
 @account.command("block", epilog=example(
@@ -437,7 +510,7 @@ def account_authenticate(state: State, address: str, revoke: bool, as_json: bool
 def account_block(state: State, address: str, reason: str | None, as_json: bool) -> None:
     """Block an account: nothing is sent from it until it is unblocked."""
     found = state.ledger.block(address, reason, actor=state.actor)
-    show(as_json, account_doc(found), account_line(found))
+    show_account(state, found, as_json)
 
 
 @account.command("unblock", epilog=example(
@@ -449,7 +522,7 @@ def account_block(state: State, address: str, reason: str | None, as_json: bool)
 def account_unblock(state: State, address: str, reason: str | None, as_json: bool) -> None:
     """Lift an account's block."""
     found = state.ledger.unblock(address, reason, actor=state.actor)
-    show(as_json, account_doc(found), account_line(found))
+    show_account(state, found, as_json)
 
 
 @account.command("remove", epilog=example("sendmail-shim account remove post@kunde.example"))
@@ -469,8 +542,9 @@ def account_remove(state: State, address: str, as_json: bool) -> None:
 def account_list(state: State, customer_id: str | None, as_json: bool) -> None:
     """List accounts with their customer and state."""
     accounts = state.ledger.list_accounts(customer_id)
-    show(as_json, [account_doc(a) for a in accounts],
-         [account_line(a) for a in accounts] or ["no accounts"])
+    owners = {c.id: c for c in state.ledger.list_customers(customer_id)}
+    show(as_json, [account_doc(a, owners.get(a.customer_id)) for a in accounts],
+         [account_line(a, owners.get(a.customer_id)) for a in accounts] or ["no accounts"])
 
 
 # ----------------------------------------------------------------- usage

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .charsets import DEFAULT_LEGACY_CHARSET, ascii_compatible
 from .limits import DEFAULT_ACCOUNT_RULES, DEFAULT_CUSTOMER_RULES, Rule, RuleSyntaxError, parse_rule
 
 try:
@@ -76,6 +77,8 @@ class MessageConfig:
     max_size: int = 10 * 1024 * 1024
     max_recipients: int = 1000
     qualify_domain: str | None = None
+    max_header_size: int = 256 * 1024  # the whole header section, folded lines included
+    legacy_charset: str = DEFAULT_LEGACY_CHARSET  # for header bytes that are not UTF-8 and declare nothing
 
 
 EGRESS_MODES = ("open", "restricted")
@@ -439,9 +442,20 @@ def _message(s: _Section) -> MessageConfig:
         max_size=s.integer("max_size", 10 * 1024 * 1024, 1024, 1024**3),
         max_recipients=s.integer("max_recipients", 1000, 1, 100000),
         qualify_domain=domain.lower().rstrip(".") if domain else None,
+        max_header_size=s.integer("max_header_size", 256 * 1024, 1024, 64 * 1024 * 1024),
+        legacy_charset=_legacy_charset(s),
     )
     s.done()
     return config
+
+
+def _legacy_charset(s: _Section) -> str:
+    charset = s.string("legacy_charset", DEFAULT_LEGACY_CHARSET)
+    assert charset is not None
+    if not ascii_compatible(charset):
+        raise s.error("legacy_charset", f"{charset!r} is not a charset that keeps ASCII as it is "
+                                        "(write e.g. windows-1252, iso-8859-15 or koi8-r)")
+    return charset.lower()
 
 
 def _gate(s: _Section) -> GateConfig:

@@ -6,6 +6,12 @@
 * An 8-bit body goes with ``BODY=8BITMIME``; otherwise each 8-bit text part
   is re-encoded as quoted-printable. Lines over 998 octets are re-encoded the
   same way in any case, never split silently.
+* Header lines over 998 octets are folded, never refused (PHPMailer writes a
+  hundred addresses on one line): address headers at the commas between
+  addresses, others at their white space; a word too long for any line
+  becomes RFC 2047 encoded-words in unstructured text. Folding only inserts
+  line breaks before white space (or after a comma), so the unfolded header
+  says what it said.
 * What cannot be represented (a non-ASCII local part without SMTPUTF8, an
   8-bit base64 part) is refused with a clear line.
 """
@@ -17,15 +23,37 @@ import binascii
 import re
 from dataclasses import dataclass
 
-from .addresses import AddressError, Group, Mailbox, parse_address_list, quote_phrase
+from .addresses import Address, AddressError, Group, Mailbox, list_separators, parse_address_list, quote_phrase
 from .envelope import Envelope
-from .message import MAX_LINE, Header, MalformedMessage, Message, _split_header_section, serialise
+from .message import (
+    MAX_LINE,
+    Header,
+    MalformedMessage,
+    Message,
+    declared_charset,
+    repair_charsets,
+    serialise,
+    split_header_section,
+    unfold,
+)
 
 ADDRESS_HEADERS = frozenset({
     "from", "sender", "reply-to", "to", "cc", "bcc", "resent-from", "resent-sender",
     "resent-to", "resent-cc", "resent-bcc", "disposition-notification-to",
 })
+# Structured fields other than addresses: folded at their white space only.
+STRUCTURED_HEADERS = frozenset({
+    "date", "resent-date", "message-id", "resent-message-id", "in-reply-to", "references",
+    "received", "return-path", "mime-version", "content-type", "content-transfer-encoding",
+    "content-disposition", "content-id", "content-language", "content-location",
+    "dkim-signature", "arc-seal", "arc-message-signature", "arc-authentication-results",
+    "authentication-results", "list-id", "list-unsubscribe", "list-unsubscribe-post",
+    "list-post", "list-help", "list-subscribe", "list-owner", "list-archive", "auto-submitted",
+})
+FOLD_WIDTH = 78  # RFC 5322's recommended line length, used wherever a header must be folded anyway
 _MAX_NESTING = 20
+_WORDS = re.compile(r"[ \t]*[^ \t]+|[ \t]+")
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
 
 
 class CannotEncode(MalformedMessage):
@@ -53,8 +81,9 @@ def for_upstream(message: Message, envelope: Envelope, *, smtputf8: bool, eightb
             use_utf8 = True
         else:
             headers = [encode_header(h) for h in headers]
-    headers, body = _entity(headers, message.body, eightbit or use_utf8, top=True, depth=0)
-    data = serialise(headers, body)
+    headers, body = _entity(headers, message.body, eightbit or use_utf8, top=True, depth=0,
+                            legacy=message.legacy_charset)
+    data = serialise(fold_long_lines(headers), body)
     return Wire(data=data, smtputf8=use_utf8, eightbit=use_utf8 or not _is_7bit(body))
 
 
@@ -70,7 +99,7 @@ def _needs_work(lines: list[bytes], allow_8bit: bool) -> bool:
 
 
 def _entity(
-    headers: list[Header], body: list[bytes], allow_8bit: bool, *, top: bool, depth: int
+    headers: list[Header], body: list[bytes], allow_8bit: bool, *, top: bool, depth: int, legacy: str
 ) -> tuple[list[Header], list[bytes]]:
     if not _needs_work(body, allow_8bit):
         return headers, body
@@ -80,13 +109,9 @@ def _entity(
     if ctype.startswith("multipart/"):
         if not boundary:
             raise CannotEncode("a multipart part has no boundary")
-        return headers, _multipart(body, boundary, allow_8bit, depth)
+        return headers, _multipart(body, boundary, allow_8bit, depth, legacy)
     if ctype == "message/rfc822":
-        inner_headers, inner_body = _split_header_section(body)
-        if not allow_8bit:
-            inner_headers = [encode_header(h) for h in inner_headers]
-        inner_headers, inner_body = _entity(inner_headers, inner_body, allow_8bit, top=False, depth=depth + 1)
-        return headers, serialise(inner_headers, inner_body).split(b"\r\n")[:-1]
+        return headers, _rebuild_part(body, allow_8bit, depth, legacy)
     return _quoted_printable_part(headers, body, allow_8bit, top=top)
 
 
@@ -116,7 +141,7 @@ def _qp_line(line: bytes) -> list[bytes]:
     return encoded.split(b"\n")
 
 
-def _multipart(body: list[bytes], boundary: str, allow_8bit: bool, depth: int) -> list[bytes]:
+def _multipart(body: list[bytes], boundary: str, allow_8bit: bool, depth: int, legacy: str) -> list[bytes]:
     delimiter = b"--" + boundary.encode("ascii", "replace")
     closing = delimiter + b"--"
     out: list[bytes] = []
@@ -125,7 +150,7 @@ def _multipart(body: list[bytes], boundary: str, allow_8bit: bool, depth: int) -
         stripped = line.rstrip(b" \t")
         if stripped in (delimiter, closing):
             if part is not None:
-                out.extend(_rebuild_part(part, allow_8bit, depth))
+                out.extend(_rebuild_part(part, allow_8bit, depth, legacy))
             out.append(line)
             if stripped == closing:
                 out.extend(_checked_epilogue(body[index + 1:], allow_8bit))
@@ -144,10 +169,14 @@ def _checked_epilogue(lines: list[bytes], allow_8bit: bool) -> list[bytes]:
     return lines
 
 
-def _rebuild_part(lines: list[bytes], allow_8bit: bool, depth: int) -> list[bytes]:
-    headers, body = _split_header_section(lines)
-    headers, body = _entity(headers, body, allow_8bit, top=False, depth=depth + 1)
-    return serialise(headers, body).split(b"\r\n")[:-1]
+def _rebuild_part(lines: list[bytes], allow_8bit: bool, depth: int, legacy: str) -> list[bytes]:
+    """A MIME part (or an attached message) re-encoded, its headers repaired as the message's are."""
+    headers, body = split_header_section(lines, None)  # within max_size: the whole input was
+    repair_charsets(headers, (declared_charset(headers), legacy))
+    if not allow_8bit:
+        headers = [encode_header(h) for h in headers]
+    headers, body = _entity(headers, body, allow_8bit, top=False, depth=depth + 1, legacy=legacy)
+    return serialise(fold_long_lines(headers), body).split(b"\r\n")[:-1]
 
 
 _PARAM_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
@@ -265,3 +294,112 @@ def _fold(line: str, width: int = 78) -> str:
             current = f"{current} {word}" if current else word
     out.append(current)
     return "\r\n ".join(out)
+
+
+# --- folding long header lines ----------------------------------------------------
+
+
+def too_long(header: Header) -> bool:
+    return len(header.raw) > MAX_LINE and any(len(line) > MAX_LINE for line in header.raw.split(b"\r\n"))
+
+
+def fold_long_lines(headers: list[Header]) -> list[Header]:
+    """The headers with every one that has a line over 998 octets folded."""
+    return [fold(h) if too_long(h) else h for h in headers]
+
+
+def fold(header: Header) -> Header:
+    """The header folded into lines of at most ``FOLD_WIDTH`` octets where its words allow."""
+    head, _, value = unfold(header.raw).decode("utf-8").partition(":")
+    pieces = _merge_blank(_pieces(header.lname, value))
+    lines = [head + ":" + pieces[0]]
+    for piece in pieces[1:]:  # every further piece starts with white space: the folding point
+        if _octets(lines[-1]) + _octets(piece) > FOLD_WIDTH:
+            lines.append(piece)
+        else:
+            lines[-1] += piece
+    if any(_octets(line) > MAX_LINE for line in lines):
+        raise CannotEncode(f"the {header.name} header holds a word longer than {MAX_LINE} octets; shorten it")
+    return Header(header.name, "\r\n".join(lines).encode("utf-8"))
+
+
+def _octets(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _pieces(lname: str, value: str) -> list[str]:
+    """The value cut where it may be folded; joined, the pieces say what the value says."""
+    if lname in ADDRESS_HEADERS:
+        return _address_pieces(value)
+    words = _words(value)
+    if lname in STRUCTURED_HEADERS:
+        return words
+    return [piece for index, word in enumerate(words) for piece in _encoded_if_too_long(words, index)]
+
+
+def _words(text: str) -> list[str]:
+    """``text`` cut before each run of white space."""
+    return _WORDS.findall(text) or [text]
+
+
+def _merge_blank(pieces: list[str]) -> list[str]:
+    """No line of white space only: a blank piece joins the one before it."""
+    merged: list[str] = []
+    for piece in pieces:
+        if merged and not piece.strip(" \t"):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    return merged or [""]
+
+
+def _address_pieces(value: str) -> list[str]:
+    """Cut after each comma between addresses; an address too long for a line, at its white space."""
+    try:
+        commas = list_separators(value)
+    except AddressError:
+        return _words(value)  # not an address list we can read: fold it as text
+    pieces: list[str] = []
+    start = 0
+    for end in [*(c + 1 for c in commas), len(value)]:
+        segment = value[start:end]
+        if pieces and segment and segment[0] not in " \t":
+            segment = " " + segment  # white space after a comma changes no address
+        pieces.extend(_words(segment) if _octets(segment) > MAX_LINE else [segment])
+        start = end
+    if any(_octets(piece) > MAX_LINE for piece in pieces):
+        return _words(" " + _rendered_for_folding(parse_address_list(value)))
+    return [piece for piece in pieces if piece]
+
+
+def _rendered_for_folding(items: list[Address]) -> str:
+    """The list written anew, each display name too long for a line as encoded-words."""
+    def phrase(name: str) -> str:
+        if any(_octets(word) > MAX_LINE // 2 for word in name.split(" ")):
+            return _encoded_words(name)
+        return quote_phrase(name)
+
+    def mailbox(item: Mailbox) -> str:
+        return f"{phrase(item.display_name)} <{item.address}>" if item.display_name else item.address
+
+    rendered = [
+        f"{phrase(item.display_name)}: {', '.join(mailbox(m) for m in item.members)};"
+        if isinstance(item, Group) else mailbox(item)
+        for item in items
+    ]
+    return ", ".join(rendered)
+
+
+def _encoded_if_too_long(words: list[str], index: int) -> list[str]:
+    """One word of unstructured text, as encoded-words when no line could hold it."""
+    word = words[index]
+    if _octets(word) <= MAX_LINE:
+        return [word]
+    text = word.lstrip(" \t")
+    lead = word[:len(word) - len(text)] or " "
+    # White space between two encoded-words vanishes when decoded: keep it inside ours.
+    if index > 0 and _ENCODED_WORD.fullmatch(words[index - 1].strip(" \t")):
+        text = lead + text
+    if index + 1 < len(words) and _ENCODED_WORD.fullmatch(words[index + 1].strip(" \t")):
+        text += words[index + 1][:len(words[index + 1]) - len(words[index + 1].lstrip(" \t"))]
+    return _words(lead + _encoded_words(text))

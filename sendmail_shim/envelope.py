@@ -2,16 +2,25 @@
 
 The envelope sender is the sending account. Recipients are unique envelope
 recipients (``Mailbox.key``), in the order first seen.
+
+Who sends, when the message does not say (plain ``mail -s``, old ``mail()``
+scripts, cron's ``From: root (Cron Daemon)``): the default sender of the
+caller's Unix-user binding, which the pipeline asks the ledger for only then.
+A From without a domain becomes that account, keeping its display name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
-from .addresses import AddressError, Mailbox, mailboxes, parse_address_list, parse_mailbox
+from .addresses import AddressError, LocalPart, Mailbox, mailboxes, parse_address_list, parse_mailbox
 from .invocation import Invocation
 from .message import Message, header_recipients
+
+_BOTH_FIXES = ("add -f with your sending address to sendmail_path (or a From: header to the message), "
+               "or ask your hosting provider to set a default sender")
+MAX_FULL_NAME = 100
 
 
 class EnvelopeError(Exception):
@@ -49,6 +58,8 @@ class Envelope:
     dsn_notify: str | None = None
     dsn_ret: str | None = None
     dsn_envid: str | None = None
+    author: Mailbox | None = None  # the From the message goes with: its own, or the one chosen here
+    repairs: dict[str, str] = field(default_factory=dict, compare=False)  # log fields: what was filled in
 
     @property
     def mail_from(self) -> str:
@@ -59,17 +70,88 @@ class Envelope:
         return self.sender.needs_smtputf8 or any(r.needs_smtputf8 for r in self.recipients)
 
 
-def sender_of(invocation_sender: str | None, message: Message, qualify_domain: str | None) -> Mailbox:
-    if invocation_sender is not None:
-        if invocation_sender.strip() in ("", "<>"):
-            raise InvalidSender("the null sender (-f '<>') cannot send here; give the sending account with -f")
-        try:
-            return parse_mailbox(invocation_sender, qualify_domain)
-        except AddressError as exc:
-            raise InvalidSender(f"the sender {_show(invocation_sender)} is not a valid address ({exc})") from None
-    if message.from_mailbox is None:
-        raise MissingSender("the message has no From header and no sender was given; add From: or use -f")
-    return message.from_mailbox
+@dataclass(frozen=True)
+class SenderDefaults:
+    """What the caller's Unix-user binding supplies when the message does not say who sends."""
+
+    user: str | None = None  # the caller's Unix user: the kernel's word in the gate
+    lookup: Callable[[], str | None] | None = None  # its binding's default sender; asked only when needed
+
+    def default_sender(self) -> Mailbox | None:
+        found = self.lookup() if self.lookup is not None and self.user is not None else None
+        return parse_mailbox(found) if found else None
+
+    def full_name(self) -> str | None:
+        """The Unix user's name from GECOS, when it says more than the login name."""
+        return gecos_name(self.user) if self.user is not None else None
+
+
+NO_DEFAULTS = SenderDefaults()
+
+
+def gecos_name(user: str) -> str | None:
+    import pwd
+
+    try:
+        gecos = pwd.getpwnam(user).pw_gecos
+    except (KeyError, ValueError):
+        return None
+    name = "".join(c for c in gecos.split(",")[0] if c.isprintable()).strip()[:MAX_FULL_NAME]
+    return name if name and name != user else None
+
+
+@dataclass(frozen=True)
+class _Choice:
+    sender: Mailbox
+    author: Mailbox
+    repairs: dict[str, str]
+
+
+def explicit_sender(invocation_sender: str | None, qualify_domain: str | None) -> Mailbox | None:
+    """``-f``/``-r`` as a mailbox, or None when neither was given."""
+    if invocation_sender is None:
+        return None
+    if invocation_sender.strip() in ("", "<>"):
+        raise InvalidSender("the null sender (-f '<>') cannot send here; give the sending account with -f")
+    try:
+        return parse_mailbox(invocation_sender, qualify_domain)
+    except AddressError as exc:
+        raise InvalidSender(f"the sender {_show(invocation_sender)} is not a valid address ({exc})") from None
+
+
+def _choose(invocation_sender: str | None, full_name: str | None, message: Message,
+            qualify_domain: str | None, defaults: SenderDefaults) -> _Choice:
+    explicit = explicit_sender(invocation_sender, qualify_domain)
+    if message.from_mailbox is not None:
+        return _Choice(explicit or message.from_mailbox, message.from_mailbox, {})
+    if message.from_local is not None:
+        return _map_local_from(message.from_local, explicit, defaults.default_sender(), qualify_domain, full_name)
+    if explicit is not None:
+        return _Choice(explicit, _named(explicit, full_name), {})
+    default = defaults.default_sender()
+    if default is None:
+        raise MissingSender(f"the message has no From header and no sender was given; {_BOTH_FIXES}")
+    return _Choice(default, _named(default, full_name or defaults.full_name()),
+                   {"default_sender": default.address})
+
+
+def _map_local_from(bare: LocalPart, explicit: Mailbox | None, default: Mailbox | None,
+                    qualify_domain: str | None, full_name: str | None) -> _Choice:
+    """``From: root (Cron Daemon)``: the default sender, else the qualified name, else -f."""
+    qualified = Mailbox(bare.local, qualify_domain) if qualify_domain else None
+    target = default or qualified or explicit
+    if target is None:
+        raise MissingSender(f"the From header {_show(bare.local)} has no domain and no sender was given; "
+                            f"write From: Name <address>, {_BOTH_FIXES}")
+    author = _named(target, bare.display_name or full_name)
+    repairs = {"from_mapped": f"{bare.local}->{target.address}"}
+    if explicit is None and target is default:
+        repairs["default_sender"] = target.address
+    return _Choice(explicit or Mailbox(target.local, target.domain), author, repairs)
+
+
+def _named(mailbox: Mailbox, display_name: str | None) -> Mailbox:
+    return Mailbox(mailbox.local, mailbox.domain, display_name or None)
 
 
 def unique(found: Iterable[Mailbox]) -> tuple[Mailbox, ...]:
@@ -89,14 +171,16 @@ def argv_recipients(arguments: Iterable[str], qualify_domain: str | None) -> lis
     return found
 
 
-def build(invocation: Invocation, message: Message, qualify_domain: str | None, max_recipients: int) -> Envelope:
-    """The envelope for a message read in ``-bm`` mode."""
-    sender = sender_of(invocation.sender, message, qualify_domain)
+def build(invocation: Invocation, message: Message, qualify_domain: str | None, max_recipients: int,
+          defaults: SenderDefaults = NO_DEFAULTS) -> Envelope:
+    """The envelope for a message read in ``-bm`` mode, and the From it goes with."""
+    chosen = _choose(invocation.sender, invocation.full_name, message, qualify_domain, defaults)
     found = argv_recipients(invocation.recipients, qualify_domain)
     if invocation.extract_recipients:
         found = header_recipients(message, qualify_domain) + found
     recipients = checked_recipients(unique(found), max_recipients)
-    return Envelope(sender, recipients, invocation.dsn_notify, invocation.dsn_ret, invocation.dsn_envid)
+    return Envelope(chosen.sender, recipients, invocation.dsn_notify, invocation.dsn_ret, invocation.dsn_envid,
+                    author=chosen.author, repairs=chosen.repairs)
 
 
 def checked_recipients(recipients: tuple[Mailbox, ...], max_recipients: int) -> tuple[Mailbox, ...]:

@@ -8,6 +8,11 @@ leading ``..`` loses one dot, as in Sendmail 8.
 
 The parsed message is kept as raw header fields plus body lines; nothing is
 re-serialised unless the upstream needs it encoded (see ``encoding.py``).
+
+Header bytes that are not UTF-8 (legacy PHP sites write raw ISO-8859-1) are
+decoded once, here, with the charset the message declares or else
+``[message] legacy_charset``, so every later stage sees the same text. Long
+header lines are accepted; they are folded for the upstream (``encoding.py``).
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .addresses import AddressError, Mailbox, parse_address_list, parse_mailbox
+from .addresses import AddressError, LocalPart, Mailbox, parse_address_list, parse_author
+from .charsets import DEFAULT_LEGACY_CHARSET, ascii_compatible
 
 MAX_LINE = 998  # RFC 5322 2.1.1, octets without CRLF
 MAX_HEADER_SECTION = 256 * 1024
+_DECLARED_CHARSET = re.compile(rb"""charset\s*=\s*["']?([A-Za-z0-9!#$%&+^_`{}~.:-]+)""", re.IGNORECASE)
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _EOL = re.compile(rb"\r\n|\r|\n")
 _FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 READ_CHUNK = 64 * 1024
@@ -72,6 +80,9 @@ class Message:
     body: list[bytes]
     from_mailbox: Mailbox | None = None
     extras: dict[str, str] = field(default_factory=dict)
+    from_local: LocalPart | None = None  # a From without a domain, until the envelope stage maps it
+    legacy_charset: str = DEFAULT_LEGACY_CHARSET
+    repairs: dict[str, str] = field(default_factory=dict)  # what was repaired, as log fields
 
     def get_all(self, name: str) -> list[Header]:
         lname = name.lower()
@@ -143,20 +154,29 @@ def split_lines(raw: bytes, ignore_dots: bool) -> list[bytes]:
     return out
 
 
-def parse(raw: bytes, ignore_dots: bool, qualify_domain: str | None = None) -> Message:
-    """Split the input into header fields and body lines; raise on defects."""
+def parse(raw: bytes, ignore_dots: bool, *, legacy_charset: str = DEFAULT_LEGACY_CHARSET,
+          max_header_size: int | None = MAX_HEADER_SECTION) -> Message:
+    """Split the input into header fields and body lines; raise on defects.
+
+    ``max_header_size`` bounds the header section (None: no bound, for what we stored ourselves).
+    """
     lines = split_lines(raw, ignore_dots)
     if not lines:
         raise EmptyMessage("the message is empty: nothing before the end of input")
     if lines[0].startswith(b"From ") and not _FIELD.match(lines[0]):
         lines = lines[1:]  # an mbox separator, not a header (Postfix drops it too)
-    headers, body = _split_header_section(lines)
-    message = Message(headers, body)
-    _check_headers(message, qualify_domain)
+    headers, body = split_header_section(lines, max_header_size)
+    message = Message(headers, body, legacy_charset=legacy_charset)
+    decoded = repair_charsets(headers, (declared_charset(headers), legacy_charset))
+    if decoded:
+        message.repairs["charset"] = ",".join(f"{name}:{charset}" for name, charset in decoded)
+    _check_headers(message)
     return message
 
 
-def _split_header_section(lines: list[bytes]) -> tuple[list[Header], list[bytes]]:
+def split_header_section(lines: list[bytes], max_size: int | None = MAX_HEADER_SECTION,
+                         ) -> tuple[list[Header], list[bytes]]:
+    """Header fields (raw bytes, possibly not UTF-8: see ``repair_charsets``) and the body lines."""
     headers: list[Header] = []
     current: list[bytes] = []
     size = 0
@@ -166,10 +186,11 @@ def _split_header_section(lines: list[bytes]) -> tuple[list[Header], list[bytes]
             index += 1
             break
         size += len(line) + 2
-        if size > MAX_HEADER_SECTION:
-            raise MalformedMessage(f"the header section is larger than {MAX_HEADER_SECTION} bytes")
-        if len(line) > MAX_LINE:
-            raise MalformedMessage(f"a header line is longer than {MAX_LINE} octets; fold or shorten it")
+        if max_size is not None and size > max_size:
+            raise MalformedMessage(
+                f"the message's headers are larger than {max_size} bytes in all; shorten them "
+                "(send to long lists through a bulk mail service)"
+            )
         if line[:1] in (b" ", b"\t"):
             if not current:
                 raise MalformedMessage("the first header line starts with white space")
@@ -201,13 +222,49 @@ def _header(lines: list[bytes]) -> Header:
     match = _FIELD.match(raw)
     assert match is not None
     name = match.group(1).decode("ascii")
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MalformedMessage(f"the {name} header is not valid UTF-8; encode it (RFC 2047)") from None
     if any(b < 32 and b not in (9, 10, 13) or b == 127 for b in raw):
         raise MalformedMessage(f"the {name} header contains a control character")
     return Header(name, raw)
+
+
+# --- legacy charsets ---------------------------------------------------------
+
+
+def declared_charset(headers: Iterable[Header]) -> str | None:
+    """The ``charset`` parameter of the (first) Content-Type, lowercased."""
+    for header in headers:
+        if header.lname == "content-type":
+            found = _DECLARED_CHARSET.search(header.raw.partition(b":")[2])
+            return found.group(1).decode("ascii").lower() if found else None
+    return None
+
+
+def repair_charsets(headers: Iterable[Header], charsets: Iterable[str | None]) -> list[tuple[str, str]]:
+    """Re-encode as UTF-8 every header that is not; return (header name, charset used) for each."""
+    candidates = [c for c in dict.fromkeys(charsets) if c and ascii_compatible(c)]
+    repaired: list[tuple[str, str]] = []
+    for header in headers:
+        try:
+            header.raw.decode("utf-8")
+            continue
+        except UnicodeDecodeError:
+            pass
+        header.raw, used = _decoded(header, candidates)
+        repaired.append((header.name, used))
+    return repaired
+
+
+def _decoded(header: Header, charsets: list[str]) -> tuple[bytes, str]:
+    for charset in charsets:
+        try:
+            text = header.raw.decode(charset)
+        except UnicodeDecodeError:
+            continue
+        if _CONTROLS.search(text.replace("\r\n", "")):
+            continue  # C1 controls: ISO-8859-1 read where the site meant windows-1252
+        return text.encode("utf-8"), charset
+    tried = " nor ".join(["UTF-8", *charsets])
+    raise MalformedMessage(f"the {header.name} header is neither {tried}; encode it (RFC 2047)")
 
 
 def _preview(line: bytes) -> str:
@@ -215,17 +272,19 @@ def _preview(line: bytes) -> str:
     return repr("".join(c if c.isprintable() else "?" for c in text))
 
 
-def _check_headers(message: Message, qualify_domain: str | None) -> None:
+def _check_headers(message: Message) -> None:
     froms = message.get_all("From")
     if len(froms) > 1:
         raise MalformedMessage("the message has several From headers; keep exactly one")
     if froms:
         try:
-            message.from_mailbox = parse_mailbox(froms[0].value, qualify_domain)
+            author = parse_author(froms[0].value)
         except AddressError as exc:
             raise MalformedMessage(f"the From header cannot be parsed ({exc}); write From: Name <address>") from None
-        if "@" not in froms[0].value:  # cron's "From: root (Cron Daemon)": write it out qualified
-            froms[0].raw = Header.build("From", _mailbox_text(message.from_mailbox)).raw
+        if isinstance(author, LocalPart):
+            message.from_local = author  # cron's "From: root (Cron Daemon)": the envelope stage maps it
+        else:
+            message.from_mailbox = author
     for name in ("Sender", "Reply-To", "Resent-From", "Resent-Sender"):
         for header in message.get_all(name):
             _parse_or_fail(header)
@@ -278,12 +337,21 @@ def header_recipients(message: Message, qualify_domain: str | None) -> list[Mail
     return found
 
 
-def complete(message: Message, sender: Mailbox, full_name: str | None, trace: str) -> None:
-    """Remove Bcc and caller-made trace headers; add From, Date, Message-ID, Received."""
+def complete(message: Message, author: Mailbox, trace: str) -> None:
+    """Remove Bcc and caller-made trace headers; add From, Date, Message-ID, Received.
+
+    ``author`` is the From the message goes with when it has none, or only a
+    mailbox without a domain (which it then replaces where it stood).
+    """
     message.remove("Bcc", "Resent-Bcc", "Return-Path", "Delivered-To")
     if message.from_mailbox is None:
-        message.from_mailbox = Mailbox(sender.local, sender.domain, full_name)
-        message.headers.insert(0, Header.build("From", _mailbox_text(message.from_mailbox)))
+        message.from_mailbox = author
+        written = Header.build("From", _mailbox_text(author))
+        froms = [i for i, h in enumerate(message.headers) if h.lname == "from"]
+        if froms:
+            message.headers[froms[0]] = written
+        else:
+            message.headers.insert(0, written)
     now = time.time()
     if not message.get_all("Date"):
         message.headers.append(Header.build("Date", format_date(now)))

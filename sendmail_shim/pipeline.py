@@ -21,6 +21,7 @@ from . import envelope as envelope_stage
 from . import message as message_stage
 from .accounts import Caller
 from .config import Config
+from .encoding import too_long
 from .envelope import Envelope
 from .invocation import Invocation
 from .ledger import Ledger, LedgerError, Reservation
@@ -93,12 +94,7 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
     reservation: Reservation | None = None
     outcome: str | None = None  # how the reservation is settled with the decision record
     try:
-        cfg = runtime.config.message
-        message = message_stage.parse(raw, invocation.ignore_dots, cfg.qualify_domain)
-        envelope = envelope_stage.build(invocation, message, cfg.qualify_domain, cfg.max_recipients)
-        fields.update(sender=envelope.sender.key, rcpts=len(envelope.recipients))
-        message_stage.complete(message, envelope.sender, invocation.full_name, _trace(runtime, caller))
-        fields["msgid"] = message.message_id
+        message, envelope = _prepare(invocation, raw, caller, runtime, fields)
         account = _authorise(envelope, message, caller, runtime)
         fields.update(account=account.address, customer=account.customer_id)
         _check_spf(envelope, message, runtime)
@@ -112,6 +108,29 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         verdict = _refused(exc, fields)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
     return verdict, Record(runtime, verdict, reservation, outcome)
+
+
+def _prepare(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime,
+             fields: dict[str, object]) -> tuple[Message, Envelope]:
+    """The message as it will be sent and its envelope; each repair made on the way is a log field."""
+    cfg = runtime.config.message
+    message = message_stage.parse(raw, invocation.ignore_dots, legacy_charset=cfg.legacy_charset,
+                                  max_header_size=cfg.max_header_size)
+    fields.update(message.repairs)
+    defaults = envelope_stage.SenderDefaults(caller.user, lambda: _default_sender(runtime, caller))
+    envelope = envelope_stage.build(invocation, message, cfg.qualify_domain, cfg.max_recipients, defaults)
+    fields.update(sender=envelope.sender.key, rcpts=len(envelope.recipients), **envelope.repairs)
+    assert envelope.author is not None  # build always chooses one
+    message_stage.complete(message, envelope.author, _trace(runtime, caller))
+    fields["msgid"] = message.message_id
+    folded = [h.name for h in message.headers if too_long(h)]
+    if folded:
+        fields["folded"] = ",".join(folded)
+    return message, envelope
+
+
+def _default_sender(runtime: Runtime, caller: Caller) -> str | None:
+    return runtime.ledger.default_sender(caller.user) if caller.user is not None else None
 
 
 def _authorise(envelope: Envelope, message: Message, caller: Caller, runtime: Runtime) -> accounts.Account:

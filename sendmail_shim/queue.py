@@ -314,7 +314,7 @@ class Runner:
         from .message import MessageError, parse
 
         try:
-            message = parse(claimed.data, ignore_dots=True)
+            message = parse(claimed.data, ignore_dots=True, max_header_size=None)  # bounded when it was accepted
             sender = NULL_SENDER if not claimed.sender else parse_mailbox(claimed.sender)
             recipients = tuple(parse_mailbox(address) for address in claimed.pending)
         except (MessageError, AddressError) as exc:  # the queue was written by us; treat damage as final

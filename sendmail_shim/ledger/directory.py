@@ -18,6 +18,9 @@ from .store import Store
 
 _ACCOUNT_COLUMNS = "address, customer_id, authenticated, blocked, block_reason"
 _CUSTOMER_OF_USER = "SELECT customer_id FROM unix_users WHERE unix_user = :u"
+# A binding's own default sender, else its customer's.
+_DEFAULT_SENDER_OF_USER = ("SELECT COALESCE(u.default_sender, c.default_sender) FROM unix_users u "
+                           "JOIN customers c ON c.id = u.customer_id WHERE u.unix_user = :u")
 
 
 class AccountEntry(NamedTuple):
@@ -39,6 +42,8 @@ class Customer(NamedTuple):
     unix_users: tuple[str, ...]
     domains: tuple[str, ...]
     accounts: int
+    default_sender: str | None = None
+    user_default_senders: tuple[tuple[str, str], ...] = ()  # (unix user, its binding's own default sender)
 
 
 def _entry(row: Sequence[Any]) -> AccountEntry:
@@ -104,8 +109,9 @@ class Directory:
     # ----------------------------------------------------------- customers and Unix users
 
     def add_customer(self, customer_id: str, unix_users: Sequence[str] = (), *,
-                     actor: str | None = None) -> Customer:
-        """Create a customer (or keep the existing one) and bind the given Unix users to it."""
+                     default_sender: str | None = None, actor: str | None = None) -> Customer:
+        """Create a customer (or keep the existing one), bind the given Unix users to it and,
+        when given, set its default sender (which must already be one of its accounts)."""
         check_identifier(customer_id, "customer id")
         for user in unix_users:
             check_identifier(user, "Unix user name")
@@ -116,7 +122,58 @@ class Directory:
                 audit(tx, "customer add", customer_id, None, actor)
             for user in unix_users:
                 self._bind(tx, customer_id, user, actor)
+            if default_sender is not None:
+                self._set_default_sender(tx, customer_id, default_sender, None, actor)
         return self.get_customer(customer_id)
+
+    # ----------------------------------------------------------- default senders
+
+    def default_sender(self, unix_user: str) -> str | None:
+        """Who a caller bound as ``unix_user`` sends as when its message does not say."""
+        with self.store.read() as tx:
+            rows = tx.rows(_DEFAULT_SENDER_OF_USER, {"u": unix_user})
+        return str(rows[0][0]) if rows and rows[0][0] else None
+
+    def set_default_sender(self, customer_id: str, address: str | None, *, unix_user: str | None = None,
+                           actor: str | None = None) -> Customer:
+        """Set (None: clear) the default sender of a customer, or of one of its Unix-user bindings."""
+        with self.store.write() as tx:
+            require_customer(tx, customer_id)
+            self._set_default_sender(tx, customer_id, address, unix_user, actor)
+        return self.get_customer(customer_id)
+
+    @staticmethod
+    def _set_default_sender(tx: Tx, customer_id: str, address: str | None,
+                            unix_user: str | None, actor: str | None) -> None:
+        if address is not None:
+            account = require_account(tx, address)
+            if account.customer_id != customer_id:
+                raise Conflict(f"{account.address} is an account of customer {account.customer_id}, "
+                               f"not of {customer_id}; a default sender must be one of the customer's accounts")
+            address = account.address
+        if unix_user is None:
+            tx.run("UPDATE customers SET default_sender = :a WHERE id = :c", {"a": address, "c": customer_id})
+            detail = f"default sender {address or 'cleared'}"
+        else:
+            bound = tx.rows(_CUSTOMER_OF_USER, {"u": unix_user})
+            if not bound or bound[0][0] != customer_id:
+                raise UnknownSubject(f"the Unix user {unix_user} is not bound to customer {customer_id}; "
+                                     f"bind it first (sendmail-shim customer bind {customer_id} {unix_user})")
+            tx.run("UPDATE unix_users SET default_sender = :a WHERE unix_user = :u",
+                   {"a": address, "u": unix_user})
+            detail = f"default sender of unix user {unix_user} {address or 'cleared'}"
+        audit(tx, "customer default-sender", customer_id, detail, actor)
+
+    @staticmethod
+    def _forget_default_sender(tx: Tx, account: AccountEntry, actor: str | None) -> None:
+        """A removed account is no one's default sender any more (audited, so the admin can see why)."""
+        cleared = tx.run("UPDATE customers SET default_sender = NULL WHERE default_sender = :a",
+                         {"a": account.address})
+        cleared += tx.run("UPDATE unix_users SET default_sender = NULL WHERE default_sender = :a",
+                          {"a": account.address})
+        if cleared:
+            audit(tx, "customer default-sender", account.customer_id,
+                  f"default sender {account.address} cleared: the account was removed", actor)
 
     def bind_user(self, customer_id: str, unix_user: str, *, actor: str | None = None) -> Customer:
         """Sites running as ``unix_user`` send for ``customer_id`` and only for it."""
@@ -152,20 +209,21 @@ class Directory:
     def list_customers(self, only: str | None = None) -> list[Customer]:
         where, params = ("WHERE id = :c", {"c": only}) if only is not None else ("", {})
         with self.store.read() as tx:
-            found = tx.rows(f"SELECT id FROM customers {where} ORDER BY id", params)
-            ids = [str(row[0]) for row in found]
-            users = tx.rows("SELECT customer_id, unix_user FROM unix_users ORDER BY unix_user")
+            found = tx.rows(f"SELECT id, default_sender FROM customers {where} ORDER BY id", params)
+            users = tx.rows("SELECT customer_id, unix_user, default_sender FROM unix_users ORDER BY unix_user")
             domains = tx.rows("SELECT customer_id, domain FROM domains ORDER BY domain")
             counted = tx.rows("SELECT customer_id, count(*) FROM accounts GROUP BY customer_id")
         counts = {str(row[0]): int(row[1]) for row in counted}
         return [
             Customer(
-                id=cid,
-                unix_users=tuple(str(u) for c, u in users if c == cid),
+                id=str(cid),
+                unix_users=tuple(str(u) for c, u, _ in users if c == cid),
                 domains=tuple(str(d) for c, d in domains if c == cid),
                 accounts=int(counts.get(cid, 0)),
+                default_sender=str(default) if default else None,
+                user_default_senders=tuple((str(u), str(a)) for c, u, a in users if c == cid and a),
             )
-            for cid in ids
+            for cid, default in found
         ]
 
     # ----------------------------------------------------------- accounts
@@ -198,6 +256,7 @@ class Directory:
         with self.store.write() as tx:
             account = require_account(tx, address)
             tx.run("DELETE FROM accounts WHERE address = :a", {"a": account.address})
+            self._forget_default_sender(tx, account, actor)
             others = tx.rows("SELECT 1 FROM accounts WHERE domain = :d", {"d": account.domain})
             if not others:
                 tx.run("DELETE FROM domains WHERE domain = :d", {"d": account.domain})

@@ -77,8 +77,10 @@ def _limit_reached_line(exc: LimitReached) -> str:
     usage = f"{exc.used} used"
     if exc.rule.metric == "recipients":
         usage += f", this message has {exc.needed}"
+    # "reached" only when the rule is full; a message that merely does not fit "would exceed" it.
+    verb = "reached" if exc.used >= exc.rule.limit else "would exceed"
     return (
-        f"{scope_name(exc.scope, exc.subject)} reached {exc.rule.phrase} ({usage}); "
+        f"{scope_name(exc.scope, exc.subject)} {verb} {exc.rule.phrase} ({usage}); "
         f"next message possible at {format_instant(exc.next_free_at, exc.now)} "
         f"(in {format_delay(exc.next_free_at - exc.now)})"
     )

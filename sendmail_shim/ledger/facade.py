@@ -100,8 +100,15 @@ class Ledger:
         return self.directory.customer_domains(customer_id)
 
     def add_customer(self, customer_id: str, unix_users: Sequence[str] = (), *,
-                     actor: str | None = None) -> Customer:
-        return self.directory.add_customer(customer_id, unix_users, actor=actor)
+                     default_sender: str | None = None, actor: str | None = None) -> Customer:
+        return self.directory.add_customer(customer_id, unix_users, default_sender=default_sender, actor=actor)
+
+    def default_sender(self, unix_user: str) -> str | None:
+        return self.directory.default_sender(unix_user)
+
+    def set_default_sender(self, customer_id: str, address: str | None, *, unix_user: str | None = None,
+                           actor: str | None = None) -> Customer:
+        return self.directory.set_default_sender(customer_id, address, unix_user=unix_user, actor=actor)
 
     def bind_user(self, customer_id: str, unix_user: str, *, actor: str | None = None) -> Customer:
         return self.directory.bind_user(customer_id, unix_user, actor=actor)

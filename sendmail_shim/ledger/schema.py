@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from .connections import Backend, SqlAlchemyBackend, prepare_sqlite_file
 
-MIGRATIONS = ("0001_initial", "0002_queue", "0003_store")
+MIGRATIONS = ("0001_initial", "0002_queue", "0003_store", "0004_default_sender")
 _PG_ADVISORY_UPGRADE_LOCK = 7_352_001
 
 
@@ -259,8 +259,15 @@ def _migrate_0003_store(connection: Any, sa: Any) -> None:
     _backfill_buckets(connection, sa)
 
 
+def _migrate_0004_default_sender(connection: Any, sa: Any) -> None:
+    """A default sender (one of the customer's accounts) per customer and per Unix-user binding."""
+    for table in ("customers", "unix_users"):
+        connection.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN default_sender VARCHAR(320)"))
+
+
 _MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
     "0001_initial": _migrate_0001_initial,
     "0002_queue": _migrate_0002_queue,
     "0003_store": _migrate_0003_store,
+    "0004_default_sender": _migrate_0004_default_sender,
 }

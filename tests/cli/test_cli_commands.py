@@ -58,7 +58,9 @@ def test_customers_and_their_unix_users(ready: Invoke) -> None:
         ["web1", "web2"]
     assert document(ready("customer", "list", "--json")) == [
         {"id": "kunde1", "unix_users": ["web1", "web2"], "domains": ["kunde.example"],
-         "accounts": 1}]
+         "accounts": 1, "default_sender": None,
+         "bindings": [{"unix_user": "web1", "default_sender": None, "sends_as": None},
+                      {"unix_user": "web2", "default_sender": None, "sends_as": None}]}]
     assert document(ready("customer", "unbind", "web2", "--json"))["customer"] == "kunde1"
     assert one_line_error(ready("customer", "add", "kunde2", "--unix-user", "web1", "--allow-missing-user"), 65) == (
         "the Unix user web1 is bound to customer kunde1; unbind it first "
@@ -71,7 +73,8 @@ def test_account_life_cycle(ready: Invoke) -> None:
     added = document(ready("account", "add", "Info@Kunde.example", "--customer", "kunde1",
                            "--json"))
     assert added == {"address": "info@kunde.example", "customer": "kunde1",
-                     "authenticated": False, "blocked": False, "block_reason": None}
+                     "authenticated": False, "blocked": False, "block_reason": None,
+                     "default_sender": False, "default_sender_unix_users": []}
     assert document(ready("account", "authenticate", "info@kunde.example", "--json"))[
         "authenticated"] is True
     blocked = document(ready("account", "block", "info@kunde.example", "--reason",
@@ -334,3 +337,43 @@ def test_binding_a_unix_user_that_does_not_exist_is_65(invoke: Invoke, config_fi
     assert added["unix_users"] == [missing]
     real = document(invoke("customer", "add", "kunde8", "--unix-user", "root", "--json"))
     assert real["unix_users"] == ["root"]
+def test_default_senders_of_a_customer_and_of_one_binding(ready: Invoke) -> None:
+    ready("customer", "bind", "kunde1", "web2")
+    ready("account", "add", "shop@kunde.example", "--customer", "kunde1", "--authenticated")
+    added = document(ready("customer", "add", "kunde1", "--default-sender", "Post@Kunde.example", "--json"))
+    assert added["default_sender"] == "post@kunde.example"
+    shown = document(ready("customer", "set", "kunde1", "--unix-user", "web2", "--default-sender",
+                           "shop@kunde.example", "--json"))
+    assert shown == document(ready("customer", "show", "kunde1", "--json"))
+    assert shown["bindings"] == [
+        {"unix_user": "web1", "default_sender": None, "sends_as": "post@kunde.example"},
+        {"unix_user": "web2", "default_sender": "shop@kunde.example", "sends_as": "shop@kunde.example"}]
+    listed = {a["address"]: (a["default_sender"], a["default_sender_unix_users"])
+              for a in document(ready("account", "list", "--json"))}
+    assert listed == {"post@kunde.example": (True, []), "shop@kunde.example": (False, ["web2"])}
+    assert ready("account", "list").stdout.splitlines() == [
+        "post@kunde.example  customer=kunde1  authenticated, default sender",
+        "shop@kunde.example  customer=kunde1  authenticated, default sender of web2",
+    ]
+    assert ready("customer", "show", "kunde1").stdout == (
+        "kunde1  unix users: web1, web2 (default sender shop@kunde.example)  domains: kunde.example  "
+        "accounts: 2  default sender: post@kunde.example\n")
+    cleared = document(ready("customer", "set", "kunde1", "--no-default-sender", "--json"))
+    assert cleared["default_sender"] is None and cleared["bindings"][1]["sends_as"] == "shop@kunde.example"
+
+
+def test_a_default_sender_that_is_not_the_customers_is_refused(ready: Invoke) -> None:
+    ready("customer", "add", "kunde2")
+    ready("account", "add", "post@other.example", "--customer", "kunde2")
+    assert one_line_error(ready("customer", "set", "kunde1", "--default-sender", "post@other.example"), 65) == (
+        "post@other.example is an account of customer kunde2, not of kunde1; "
+        "a default sender must be one of the customer's accounts")
+    assert one_line_error(ready("customer", "add", "kunde3", "--unix-user", "web9", "--default-sender",
+                                "nobody@kunde.example"), 67).startswith("nobody@kunde.example is not a registered")
+    assert one_line_error(ready("customer", "show", "kunde3"), 67).startswith("customer kunde3 does not exist")
+    assert one_line_error(ready("customer", "set", "kunde1", "--unix-user", "web9", "--default-sender",
+                                "post@kunde.example"), 67).startswith("the Unix user web9 is not bound to customer")
+    usage = ready("customer", "set", "kunde1")
+    assert usage.exit_code == 64 and "give exactly one of --default-sender ADDRESS or --no-default-sender" \
+        in usage.stderr
+    assert document(ready("customer", "show", "kunde1", "--json"))["default_sender"] is None

@@ -287,7 +287,7 @@ def fill_queue(shim: Shim, count: int) -> None:
 
     for n in range(count):
         message = parse(f"From: post@kunde.example\nTo: r{n}@x.example\nSubject: {n}\n\nhei\n".encode(), True)
-        complete(message, parse_mailbox("post@kunde.example"), None, "by test")
+        complete(message, parse_mailbox("post@kunde.example"), "by test")
         envelope = Envelope(parse_mailbox("post@kunde.example"), (parse_mailbox(f"r{n}@x.example"),))
         queue.enqueue(shim.ledger, QueueConfig(), reservation=None, envelope=envelope, message=message,
                       error="upstream was down")

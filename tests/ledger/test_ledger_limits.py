@@ -298,3 +298,18 @@ def test_spf_cache_on_a_missing_ledger_is_a_miss(tmp_path: object) -> None:
     cache = Ledger(f"sqlite:///{tmp_path}/none.db").spf_cache()
     cache.put("kunde.example", "192.0.2.25", "pass", NOON)
     assert cache.get("kunde.example", "192.0.2.25", NOON) is None
+
+
+def test_a_message_that_does_not_fit_would_exceed_the_rule_it_has_not_reached(ledger: Ledger) -> None:
+    account = add_account(ledger)
+    fill(ledger, account.address, [NOON], recipients=248)
+    with pytest.raises(LimitReached) as caught:
+        ledger.reserve(account, 5, message_id="<five>", now=NOON + 60)
+    assert str(caught.value) == (
+        "post@kunde.example would exceed 250 recipients per 5 minutes (248 used, this message has 5); "
+        "next message possible at 12:05:00 UTC (in 4 min)")
+    ledger.reserve(account, 2, message_id="<two>", now=NOON + 61)  # two still fit: now the rule is full
+    with pytest.raises(LimitReached) as full:
+        ledger.reserve(account, 1, message_id="<one>", now=NOON + 62)
+    assert str(full.value).startswith(
+        "post@kunde.example reached 250 recipients per 5 minutes (250 used, this message has 1); ")

@@ -43,7 +43,7 @@ def all_usage(ledger: Ledger, accounts: list[AccountEntry], now: float) -> list[
 def queue_message(ledger: Ledger, reservation: object, n: int) -> str:
     """What sendmail does when the upstream says "later": the message and its reservation, committed."""
     message = parse(f"From: site0@kunde.example\nTo: r{n}@x.example\nSubject: {n}\n\nhei\n".encode(), True)
-    complete(message, parse_mailbox("site0@kunde.example"), None, "by test")
+    complete(message, parse_mailbox("site0@kunde.example"), "by test")
     envelope = Envelope(parse_mailbox("site0@kunde.example"), (parse_mailbox(f"r{n}@x.example"),))
     return queue.enqueue(ledger, QueueConfig(), reservation=reservation, envelope=envelope,  # type: ignore[arg-type]
                          message=message, error="451 try later")

@@ -238,11 +238,11 @@ def test_db_upgrade_brings_a_0002_ledger_to_0003_in_place_with_its_usage(
 
     make_0002_ledger(ledger_url, monkeypatch)
     before = Ledger(ledger_url).schema_status()
-    assert before.pending == ("0003_store",)
+    assert before.pending == ("0003_store", "0004_default_sender")
     config = write_config(tmp_path, ledger_url)
     result = CliRunner().invoke(cli, ["--config", str(config), "db", "upgrade", "--json"])
     assert result.exit_code == 0, result.output
-    assert '"applied": [\n    "0003_store"\n  ]' in result.output
+    assert '"applied": [\n    "0003_store",\n    "0004_default_sender"\n  ]' in result.output
     ledger = Ledger(ledger_url)
     assert ledger.schema_status().pending == ()
     used = {(u.metric, u.window_seconds): u.used for u in ledger.usage("account", "a@kunde.example", now=NOON)}

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from sendmail_shim.addresses import parse_mailbox
+from sendmail_shim.addresses import Mailbox, parse_mailbox
 from sendmail_shim.message import (
     EmptyMessage,
     MalformedMessage,
@@ -81,8 +81,8 @@ def test_size_cap_stops_reading_early():
     (b"From: a@malicious.example@important.example\n\nx\n", "From header"),
     (b" folded-first: x\n\nbody\n", "white space"),
     (b"Fr\xc3\xb6m: a@x.example\n\nx\n", "malformed header"),
-    (b"Subject: " + b"x" * 1000 + b"\n\nx\n", "998"),
-    (b"Subject: \xff\xfe\n\nx\n", "UTF-8"),
+    (b"Subject: " + b"x" * (256 * 1024) + b"\n\nx\n", "headers are larger than 262144 bytes"),
+    (b"Subject: \x81\x8d\n\nx\n", "neither UTF-8 nor windows-1252"),
     (b"Subject: a\x01b\n\nx\n", "control character"),
     (b"Reply-To: a@b@c.example\n\nx\n", "Reply-To"),
 ])
@@ -127,7 +127,7 @@ def test_resent_headers_replace_the_originals():
 
 def test_complete_removes_bcc_and_adds_what_is_missing():
     message = parse(b"To: a@x.example\nBcc: hidden@x.example\nReturn-Path: <forged@x.example>\n\nx\n", True)
-    complete(message, parse_mailbox("post@kunde.example"), "Kunde AS", "by host (test)")
+    complete(message, Mailbox("post", "kunde.example", "Kunde AS"), "by host (test)")
     names = [h.lname for h in message.headers]
     assert "bcc" not in names and "return-path" not in names
     assert message.first("From") == '"Kunde AS" <post@kunde.example>' or message.first("From") == \
@@ -139,6 +139,6 @@ def test_complete_removes_bcc_and_adds_what_is_missing():
 
 def test_complete_keeps_an_existing_message_id_and_date():
     message = parse(b"From: a@x.example\nDate: Mon, 1 Jan 2024 00:00:00 +0000\nMessage-ID: <keep@x>\n\nx\n", True)
-    complete(message, parse_mailbox("a@x.example"), None, "by host (test)")
+    complete(message, parse_mailbox("a@x.example"), "by host (test)")
     assert message.message_id == "<keep@x>"
     assert message.get_all("Date")[0].value == "Mon, 1 Jan 2024 00:00:00 +0000"
