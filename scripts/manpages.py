@@ -426,7 +426,9 @@ KEY_TEXT: dict[str, str] = {
                   "permerror); temperror never does.",
     "spf.hint": 'What a customer should add to the record, shown in the refusal line, '
                 'e.g. "include:_spf.example.net". Unset: the relay address as an ip4: or ip6: term.',
-    "spf.timeout": "Seconds for all the DNS work of one message.",
+    "spf.timeout": "Seconds for all the DNS work of one message; PHP's mail() waits this long at most. "
+                   "Each nameserver gets 1 s, then once more 2 s, to answer a lookup; one that did not "
+                   "is asked last for the rest of the check. No answer in time gives exit 69.",
     "spf.cache_max_ttl": "Verdicts are cached within their DNS TTL, and at most this many seconds.",
     "spf.enabled": "Whether SPF is checked at all.",
     "limits.account": "The rules for each sending account.",

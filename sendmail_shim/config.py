@@ -61,7 +61,7 @@ class SpfConfig:
     nameservers: tuple[str, ...] = ()
     accept: tuple[str, ...] = ("pass",)
     hint: str | None = None
-    timeout: float = 20.0
+    timeout: float = 10.0
     cache_max_ttl: int = 3600
     enabled: bool = True
 
@@ -377,7 +377,7 @@ def _spf(s: _Section) -> SpfConfig:
         nameservers=nameservers,
         accept=accept,
         hint=s.string("hint"),
-        timeout=s.number("timeout", 20.0, 0.1, 120),
+        timeout=s.number("timeout", 10.0, 0.1, 120),
         cache_max_ttl=s.integer("cache_max_ttl", 3600, 0, 86400),
         enabled=enabled,
     )

@@ -7,7 +7,8 @@ handshake any bytes the server sent early are discarded and EHLO is sent
 again (the STARTTLS command-injection class).
 
 Every failure is classified as temporary (a later attempt may work) or
-permanent (the upstream said no with a 5xx reply).
+permanent (the upstream said no with a 5xx reply). A reply line too long to
+read is a protocol error, not a reply: temporary, whatever code it began with.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class UpstreamUnavailable(RelayError):
 
 class UpstreamInsecure(UpstreamUnavailable):
     """No STARTTLS offered, or the TLS handshake or certificate check failed."""
+
+    site_problem = True
+
+
+class UpstreamProtocolError(UpstreamUnavailable):
+    """The upstream broke SMTP (a reply line over the limit): the connection was closed unread."""
 
     site_problem = True
 
@@ -95,6 +102,14 @@ class _StaleConnection(smtplib.SMTPServerDisconnected):
     """A reused connection the upstream had closed: MAIL got no answer, so nothing was sent."""
 
 
+# smtplib's limit for one reply line (RFC 5321 4.5.3.1.5 allows 512 octets).
+MAX_REPLY_LINE = getattr(smtplib, "_MAXLINE", 8192)
+
+
+class _ReplyTooLong(smtplib.SMTPException):
+    """A reply line over MAX_REPLY_LINE; smtplib has already closed the connection."""
+
+
 class _Connection(smtplib.SMTP):
     """smtplib with TCP_NODELAY (no Nagle stalls on small commands)."""
 
@@ -104,6 +119,15 @@ class _Connection(smtplib.SMTP):
         sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
+
+    def getreply(self) -> tuple[int, bytes]:
+        # The only reply smtplib raises SMTPResponseException for itself is a line over its
+        # limit, as "500 Line too long" -- which must not pass for the upstream's own 5xx.
+        try:
+            return super().getreply()
+        except smtplib.SMTPResponseException:
+            self.close()  # smtplib closed it already; nothing more is read from or sent to this peer
+            raise _ReplyTooLong(f"a reply line over {MAX_REPLY_LINE} octets") from None
 
 
 class Upstream:
@@ -355,6 +379,9 @@ def classify(exc: OSError, host: str) -> RelayError:
                                 stage="starttls")
     if isinstance(exc, ssl.SSLError):
         return UpstreamInsecure(f"TLS with the upstream {host} failed ({exc})", stage="starttls")
+    if isinstance(exc, _ReplyTooLong):
+        return UpstreamProtocolError(f"the upstream {host} sent {exc} (an SMTP protocol error); "
+                                     "the connection was closed", stage="protocol")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         return UpstreamUnavailable(f"the upstream {host} closed the connection", stage="connection")
     if isinstance(exc, smtplib.SMTPConnectError):
@@ -403,6 +430,8 @@ def _mail(smtp: _Connection, envelope: Envelope, options: list[str]) -> tuple[in
     unprobed, smtp.reused_unprobed = smtp.reused_unprobed, False
     try:
         code, reply = smtp.mail(envelope.mail_from, options)
+    except _ReplyTooLong:
+        raise  # the upstream answered, wrongly: not a stale connection
     except (smtplib.SMTPServerDisconnected, OSError) as exc:
         if unprobed:
             raise _StaleConnection(str(exc)) from None

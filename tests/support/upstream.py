@@ -201,15 +201,20 @@ class RawServer:
     Without ``tls`` it proves that nothing but EHLO/STARTTLS crosses the wire
     before TLS. With ``tls`` it answers STARTTLS with 220 followed, in the same
     segment, by ``inject`` (the STARTTLS response-injection attack), then
-    speaks SMTP inside TLS and records what it hears there in ``seen_in_tls``.
+    speaks SMTP inside TLS and records what it hears there in ``seen_in_tls``;
+    ``tls_replies`` answers chosen commands there (by verb, such as ``b"MAIL"``)
+    with given bytes. ``closed_by_client`` counts TLS sessions the client ended.
     """
 
     def __init__(self, *, greeting: bytes = b"220 raw.test ESMTP\r\n",
                  ehlo: bytes = b"250-raw.test\r\n250 8BITMIME\r\n",
                  starttls: bytes = b"454 4.7.0 TLS not available\r\n",
-                 tls: ssl.SSLContext | None = None, inject: bytes = b"") -> None:
+                 tls: ssl.SSLContext | None = None, inject: bytes = b"",
+                 tls_replies: dict[bytes, bytes] | None = None) -> None:
         self.greeting, self.ehlo, self.starttls = greeting, ehlo, starttls
         self.tls, self.inject = tls, inject
+        self.tls_replies = tls_replies or {}
+        self.closed_by_client = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(5)
@@ -261,25 +266,29 @@ class RawServer:
 
     def _talk_in_tls(self, conn: ssl.SSLSocket) -> None:
         reader = conn.makefile("rb")
-        for line in reader:
-            self.seen_in_tls += line
-            verb = line.split(b" ", 1)[0].strip().upper()
-            if verb in (b"EHLO", b"HELO"):
-                conn.sendall(b"250-raw.test\r\n250 8BITMIME\r\n")
-            elif verb == b"DATA":
-                conn.sendall(b"354 go on\r\n")
-                data = bytearray()
-                for data_line in reader:
-                    if data_line == b".\r\n":
-                        break
-                    data += data_line
-                self.messages.append(bytes(data))
-                conn.sendall(b"250 2.0.0 stored\r\n")
-            elif verb == b"QUIT":
-                conn.sendall(b"221 bye\r\n")
-                return
-            else:
-                conn.sendall(b"250 ok\r\n")
+        with contextlib.suppress(ssl.SSLEOFError):  # a close without TLS close_notify is still an end
+            for line in reader:
+                self.seen_in_tls += line
+                verb = line.split(b" ", 1)[0].strip().upper()
+                if verb in self.tls_replies:
+                    conn.sendall(self.tls_replies[verb])
+                elif verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250-raw.test\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    data = bytearray()
+                    for data_line in reader:
+                        if data_line == b".\r\n":
+                            break
+                        data += data_line
+                    self.messages.append(bytes(data))
+                    conn.sendall(b"250 2.0.0 stored\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+        self.closed_by_client += 1  # the stream ended without QUIT: the client closed it
 
 
 def write_ca(ca: trustme.CA, directory: Path) -> Path:
