@@ -83,12 +83,18 @@ class UpstreamUncertain(UpstreamUnavailable):
         self.result = result
 
 
-class ReplyPending(Exception):  # noqa: N818 - not an error: the reply is still to come
-    """The synchronous budget ran out after the final dot; ``pending`` waits on for the reply."""
+class ReplyPending(UpstreamUnavailable):  # noqa: N818 - not yet a failure: the reply may still come
+    """The synchronous budget ran out after the final dot; ``pending`` waits on for the reply.
+
+    Whoever catches it owns the open connection: ``pending.finish()`` or ``pending.abandon()``.
+    """
+
+    uncertain = True  # to whoever does not wait on: the upstream may have the message
 
     def __init__(self, pending: PendingReply) -> None:
         super().__init__(f"the upstream {pending.host} has not answered the end of data within "
-                         f"{pending.waited:g} s, the most a caller waits ([upstream] sync_timeout)")
+                         f"{pending.waited:g} s, the most a caller waits ([upstream] sync_timeout)",
+                         stage="the end of data")
         self.pending = pending
 
 
