@@ -61,7 +61,7 @@ def test_first_attempt_queues_temporary_and_refuses_permanent(shim: Shim, upstre
 OVERLONG = "550 5.7.1 " + "x" * 9000
 
 
-@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA-COMMAND", "DATA"])
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA-COMMAND"])
 def test_an_overlong_reply_line_is_queued_and_retried_then_sent_once(shim: Shim, upstream: SmtpUpstream, stage):
     upstream.script.replies[stage] = OVERLONG
     result = shim.sendmail("-t", "-i", input=MESSAGE)
@@ -79,6 +79,21 @@ def test_an_overlong_reply_line_is_queued_and_retried_then_sent_once(shim: Shim,
     (got,) = upstream.received
     assert got.rcpt_tos == ["ola@x.example", "kari@x.example"]
     assert sends_state(shim) == ["sent"]
+
+
+def test_an_overlong_reply_to_the_final_dot_is_uncertain_and_retried_once(shim: Shim, upstream: SmtpUpstream):
+    """The upstream answered the data unreadably: it may have the message, so one retry at most."""
+    upstream.script.replies["DATA"] = OVERLONG
+    result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert result.code == 0 and "has not yet confirmed" in result.line
+    (entry,) = queue.list_queue(shim.ledger)
+    assert entry.state == "uncertain" and entry.unconfirmed == 1
+    assert "answered the end of data with a reply line over 8192 octets" in (entry.last_error or "")
+    upstream.script.replies.clear()
+    assert run_queue(shim)["delivered"] == 2
+    assert run_queue(shim)["messages"] == 0
+    (got,) = upstream.received
+    assert got.rcpt_tos == ["ola@x.example", "kari@x.example"]
 
 
 def test_an_overlong_reply_line_closes_the_connection_at_once(ca: trustme.CA, shim: Shim):

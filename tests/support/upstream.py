@@ -6,6 +6,7 @@ the DATA bytes) and can be scripted to refuse at any stage.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -61,6 +62,9 @@ class Script:
     drop_ehlo: tuple[str, ...] = ()
     drop_after_data: bool = False  # store the message, then cut the connection before the reply
     on_data: Callable[[], None] | None = None  # called once the message is stored, before the reply
+    # Seconds to wait before answering, by stage: 'MAIL', 'RCPT', and 'DATA' (after the final dot;
+    # the message is stored first). The server serves other connections meanwhile.
+    delays: dict[str, float] = field(default_factory=dict)
 
 
 class _Handler:
@@ -77,6 +81,7 @@ class _Handler:
 
     async def handle_MAIL(self, server: SMTP, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
+        await self.upstream.delay("MAIL")
         reply = self.upstream.script.replies.get("MAIL")
         if reply:
             return reply
@@ -86,6 +91,7 @@ class _Handler:
 
     async def handle_RCPT(self, server: SMTP, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
+        await self.upstream.delay("RCPT")
         replies = self.upstream.script.replies
         reply = replies.get(f"RCPT:{address}") or replies.get("RCPT")
         if reply:
@@ -97,6 +103,7 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
         reply = self.upstream.script.replies.get("DATA")
         if reply:
+            await self.upstream.delay("DATA")
             return reply
         self.upstream.received.append(Received(
             mail_from=envelope.mail_from,
@@ -109,6 +116,7 @@ class _Handler:
         ))
         if self.upstream.script.on_data is not None:
             self.upstream.script.on_data()
+        await self.upstream.delay("DATA")
         if self.upstream.script.drop_after_data:
             server.transport.abort()  # the reply to the final dot is lost
         return "250 2.0.0 queued as TEST"
@@ -187,6 +195,11 @@ class SmtpUpstream:
 
     def __exit__(self, *exc: object) -> None:
         self.controller.stop()
+
+    async def delay(self, stage: str) -> None:
+        seconds = self.script.delays.get(stage, 0.0)
+        if seconds:
+            await asyncio.sleep(seconds)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         deadline = time.monotonic() + timeout
