@@ -440,7 +440,7 @@ def _answer_probes(sock: socket.socket, config: Config, identity: trust.Identity
 # What a running gate cannot change: its socket and user are fixed at start (and root is gone),
 # the egress probe needs root, the trust mode was verified once, and the ledger's connections
 # and timeouts are shared by everything in flight.
-RESTART_ONLY = ("gate.socket", "gate.user", "gate.backlog", "gate.egress", "gate.trust", "ledger.*")
+RESTART_ONLY_GATE_KEYS = ("socket", "user", "backlog", "egress", "trust")  # and all of [ledger]
 _SECTIONS = ("upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log")
 
 
@@ -545,11 +545,9 @@ class Reloader:
 
 def applicable(running: Config, loaded: Config) -> tuple[Config, tuple[str, ...]]:
     """``loaded`` with the running values of what needs a restart, and the keys that would have changed."""
-    restart_needed = [f"gate.{key.removeprefix('gate.')}" for key in RESTART_ONLY if key.startswith("gate.")
-                      and getattr(running.gate, key[5:]) != getattr(loaded.gate, key[5:])]
-    if running.ledger != loaded.ledger:
-        restart_needed += [f"ledger.{name}" for name in _changed_fields(running.ledger, loaded.ledger)]
-    kept_gate = {key[5:]: getattr(running.gate, key[5:]) for key in RESTART_ONLY if key.startswith("gate.")}
+    kept_gate = {key: getattr(running.gate, key) for key in RESTART_ONLY_GATE_KEYS}
+    restart_needed = [f"gate.{key}" for key, value in kept_gate.items() if getattr(loaded.gate, key) != value]
+    restart_needed += [f"ledger.{name}" for name in _changed_fields(running.ledger, loaded.ledger)]
     applied = dataclasses.replace(loaded, ledger=running.ledger, gate=dataclasses.replace(loaded.gate, **kept_gate))
     return applied, tuple(restart_needed)
 
