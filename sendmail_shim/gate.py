@@ -46,6 +46,7 @@ from . import __version__, exitcodes, maillog, trust
 from . import gate_protocol as protocol
 from .config import Config, ConfigError, GateConfig, check_private_file
 from .invocation import UsageError, parse_argv
+from .ledger import iso_utc
 from .message import MessageError, read_input
 from .pipeline import Caller, Record, Runtime, Verdict, decide, record_together, refuse
 from .relay import Upstream, UpstreamUnavailable
@@ -383,8 +384,8 @@ def gate_status(config: Config, listener: Listener, guard: TrustGuard) -> Callab
     def status() -> dict[str, object]:
         return {"version": __version__, "pid": os.getpid(), "uid": os.geteuid(), "user": guard.identity.name,
                 "config": {"path": os.path.abspath(config.path), "sha256": config.sha256,
-                           "loaded_at": protocol.iso_utc(started)},
-                "started_at": protocol.iso_utc(started), "trust": {"state": guard.state, "mode": guard.mode},
+                           "loaded_at": iso_utc(started)},
+                "started_at": iso_utc(started), "trust": {"state": guard.state, "mode": guard.mode},
                 "socket": listener.where, "backlog": listener.backlog}
 
     return status
