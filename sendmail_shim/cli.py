@@ -127,10 +127,8 @@ def show(as_json: bool, document: Any, text: str | Sequence[str]) -> None:
 
 
 def iso(at: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with microseconds (exact), or None."""
-    if at is None:
-        return None
-    from .gate_protocol import iso_utc
+    """Every time in a ``--json`` document: ISO 8601 UTC (the ledger's one formatter), or None."""
+    from .ledger import iso_utc
 
     return iso_utc(at)
 

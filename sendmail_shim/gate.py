@@ -52,6 +52,7 @@ from . import __version__, exitcodes, maillog, trust
 from . import gate_protocol as protocol
 from .config import Config, ConfigError, GateConfig, check_private_file, load
 from .invocation import UsageError, parse_argv
+from .ledger import iso_utc
 from .message import MessageError, read_input
 from .pipeline import Caller, Record, Runtime, Verdict, decide, record_together, refuse
 from .relay import Upstream, UpstreamUnavailable
@@ -246,7 +247,7 @@ def report_unsettled(runtime: Runtime) -> None:
     for send in unsettled:
         _log(runtime.config, "warning", event="gate-outcome-unknown", send=send.id, msgid=send.message_id,
              uid=send.uid, account=send.account, customer=send.customer_id, rcpts=send.recipients,
-             reserved_at=protocol.iso_utc(send.at),
+             reserved_at=iso_utc(send.at),
              reason="the mail gate stopped while relaying this message; the upstream may have it, so it "
                     "counts against the limits until [ledger] reservation_timeout; check the relay's log for "
                     "its Message-ID before sending it again")
@@ -592,9 +593,9 @@ def gate_status(gate: Gate) -> Callable[[], dict[str, object]]:
         config, guard = gate.config, gate.guard
         return {"version": __version__, "pid": os.getpid(), "uid": os.geteuid(), "user": guard.identity.name,
                 "config": {"path": os.path.abspath(config.path), "sha256": config.sha256,
-                           "loaded_at": protocol.iso_utc(gate.loaded_at or started),
+                           "loaded_at": iso_utc(gate.loaded_at or started),
                            "restart_needed": list(gate.restart_needed)},
-                "started_at": protocol.iso_utc(started), "trust": {"state": guard.state, "mode": guard.mode},
+                "started_at": iso_utc(started), "trust": {"state": guard.state, "mode": guard.mode},
                 "socket": gate.listener.where, "backlog": gate.listener.backlog}
 
     return status

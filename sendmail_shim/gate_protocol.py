@@ -126,13 +126,6 @@ def argv_counts_too_long(count: int, total: int, longest: int) -> str | None:
     return None
 
 
-def iso_utc(at: float) -> str:
-    """Epoch seconds as ISO 8601 UTC with microseconds, as every time in a STATUS answer."""
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
 class ProtocolError(Exception):
     """The peer broke the protocol or went away; ``str(exc)`` says how."""
 

@@ -134,11 +134,13 @@ class QueuedMessage:
     unconfirmed: int = 0  # attempts whose final dot got no reply
 
     def as_dict(self) -> dict[str, Any]:
+        from .ledger import iso_utc
+
         return {
             "id": self.id, "kind": self.kind, "state": self.state, "sender": self.sender,
             "account": self.account, "customer": self.customer_id, "message_id": self.message_id,
-            "created_at": self.created_at, "attempts": self.attempts,
-            "next_attempt_at": self.next_attempt_at, "last_error": self.last_error, "size": self.size,
+            "created_at": iso_utc(self.created_at), "attempts": self.attempts,
+            "next_attempt_at": iso_utc(self.next_attempt_at), "last_error": self.last_error, "size": self.size,
             "unconfirmed": self.unconfirmed,
             "recipients": [{"address": r.address, "state": r.state, "code": r.code, "reply": r.reply}
                            for r in self.recipients],

@@ -35,7 +35,7 @@ from .rates import OUTCOMES, Override, Reservation, ResetMarker, RuleUsage, Send
 from .retention import PruneReport
 from .schema import MIGRATIONS, SchemaStatus
 from .spf_cache import SqlSpfCache
-from .times import format_delay, format_instant, format_utc
+from .times import format_delay, format_instant, format_utc, iso_utc
 from .windows import COUNTED_STATES
 
 __all__ = [
@@ -44,5 +44,5 @@ __all__ = [
     "LedgerError", "LedgerNotInitialised", "LedgerUnavailable", "LimitNeverFits", "LimitReached",
     "Override", "PruneReport", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
     "SqlSpfCache", "Tx", "UnknownSubject", "UnsettledSend", "UnsupportedLedger", "canonical_address",
-    "canonical_domain", "format_delay", "format_instant", "format_utc", "parse_expiry",
+    "canonical_domain", "format_delay", "format_instant", "format_utc", "iso_utc", "parse_expiry",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import UTC, datetime
+from typing import overload
 
 US = 1_000_000  # microseconds per second: every instant in the ledger is an integer of these
 
@@ -20,6 +22,18 @@ def format_instant(at: float, now: float | None = None) -> str:
 def format_utc(at: float) -> str:
     """``2026-06-01 12:00:00 UTC``."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(math.ceil(at)))
+
+
+@overload
+def iso_utc(at: float) -> str: ...
+@overload
+def iso_utc(at: None) -> None: ...
+def iso_utc(at: float | None) -> str | None:
+    """``2026-06-01T12:00:00.000000Z``: the one form of every time in a ``--json`` document and in the
+    gate's STATUS answer (ISO 8601, UTC, exact to the microsecond the ledger keeps); None stays None."""
+    if at is None:
+        return None
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def format_delay(seconds: float) -> str:
