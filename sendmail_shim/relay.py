@@ -572,14 +572,18 @@ def dot_stuffed_blocks(data: bytes) -> Iterator[bytes]:
     after a line feed, so every block starts a line and stuffing it alone gives
     the bytes stuffing the whole would; a large message is never copied whole.
     """
+    ending = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
     start, size = 0, len(data)
-    while start < size:
+    while True:
         end = size if start + BLOCK_SIZE >= size else data.rfind(b"\n", start, start + BLOCK_SIZE) + 1
         if end <= start:  # a line longer than a block: the block takes the whole line
             end = data.find(b"\n", start + BLOCK_SIZE) + 1 or size
-        yield _LINE_START_DOT.sub(b"..", data[start:end])
+        block = _LINE_START_DOT.sub(b"..", data[start:end])
         start = end
-    yield b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
+        if start >= size:  # the final dot rides with the last block: a small message is one write
+            yield block + ending
+            return
+        yield block
 
 
 class PendingReply:

@@ -46,3 +46,7 @@ def test_a_large_message_is_never_copied_whole() -> None:
     blocks = list(dot_stuffed_blocks(data))
     assert max(len(block) for block in blocks) <= BLOCK_SIZE + BLOCK_SIZE // 8
     assert b"".join(blocks) == stuffed_whole(data)
+
+
+def test_a_small_message_goes_in_one_write_with_its_final_dot() -> None:
+    assert list(dot_stuffed_blocks(b"Subject: x\r\n\r\n.hi\r\n")) == [b"Subject: x\r\n\r\n..hi\r\n.\r\n"]
