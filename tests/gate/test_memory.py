@@ -8,6 +8,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.gate.conftest import needs_users
 from tests.gate.deployment import Deployment, Result, message, proc_status
 from tests.support.upstream import SmtpUpstream
@@ -27,9 +29,9 @@ def big_message(number: int, size: int = BIG) -> tuple[bytes, bytes]:
     return head + body, body.replace(b"\n", b"\r\n")
 
 
-def _timed(dep: Deployment, data: bytes, user: object) -> tuple[Result, float]:
+def _timed(dep: Deployment, data: bytes, user: object, program: str = "sendmail") -> tuple[Result, float]:
     started = time.monotonic()
-    result = dep.sendmail("-t", "-i", input=data, user=user, timeout=300)  # type: ignore[arg-type]
+    result = dep.sendmail("-t", "-i", input=data, user=user, timeout=300, program=program)  # type: ignore[arg-type]
     return result, time.monotonic() - started
 
 
@@ -84,8 +86,9 @@ print(sock.recv(4096)[8:].decode(errors="replace"), flush=True)
 """
 
 
+@pytest.mark.parametrize("program", ["sendmail", "sendmail-python"])  # the native client, and the Python one
 def test_a_user_over_its_upload_cap_waits_then_gets_a_busy_line_and_nothing_is_half_sent(
-        deployment: Deployment, relay: SmtpUpstream) -> None:
+        deployment: Deployment, relay: SmtpUpstream, program: str) -> None:
     deployment.configure("limits", account=GENEROUS, customer=GENEROUS)
     deployment.configure("gate", request_timeout=8, max_uploads_per_uid=1)
     deployment.start_gate()
@@ -103,7 +106,7 @@ def test_a_user_over_its_upload_cap_waits_then_gets_a_busy_line_and_nothing_is_h
         time.sleep(0.02)
     assert holding.exists(), "the holder never got its message in"
     with ThreadPoolExecutor(2) as pool:
-        waiting = pool.submit(_timed, deployment, big_message(1, 2_000_000)[0], deployment.users.a)
+        waiting = pool.submit(_timed, deployment, big_message(1, 2_000_000)[0], deployment.users.a, program)
         other, other_seconds = pool.submit(_timed, deployment, big_message(2, 2_000_000)[0].replace(
             b"post@a.example", b"post@b.example"), deployment.users.b).result()
         refused, waited = waiting.result()
