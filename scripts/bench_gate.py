@@ -1,6 +1,7 @@
 """Benchmark: ``sendmail`` through the gate against msmtp, on one loopback STARTTLS upstream.
 
 Usage: python scripts/bench_gate.py OUTPUT.json [--calls N] [--burst N] [--parallel N] [--callers N]
+       [--uploads N]
 
 Side by side in one run, every client relaying the same message to the same
 aiosmtpd upstream (STARTTLS, certificate verified):
@@ -16,8 +17,10 @@ aiosmtpd upstream (STARTTLS, certificate verified):
 
 Figures: the median time per call (whole process, calls interleaved across
 the clients), messages per second for ``--burst`` calls ``--parallel`` at a
-time, the client's peak RSS (GNU time), and the gate's peak RSS after
-``--callers`` callers at once. A table goes to stdout, the figures and the
+time, the client's peak RSS (GNU time), the gate's peak RSS after
+``--callers`` callers at once, and its peak RSS (``VmHWM``) after ``--uploads``
+uploads of 10 MB from one customer in parallel with ``--callers`` small callers
+(the goal: 150 MB). A table goes to stdout, the figures and the
 goals to OUTPUT.json. ``--profile FILE`` runs each of the gate's connections
 under cProfile and writes the merged profile (pstats) there, to show where the
 gate's share goes (the figures of such a run are slower than without it).
@@ -115,6 +118,17 @@ GOAL_PER_CALL_VS_MSMTP = 0.1
 GOAL_THROUGHPUT_VS_STALL_FREE = 1.5
 GOAL_CLIENT_MB = 2
 GOAL_GATE_MB = 150
+BIG_MESSAGE_BYTES = 10_000_000  # "16 x 10 MB uploads in parallel plus 50 small callers"
+
+
+def big_message(number: int) -> bytes:
+    """A 10 MB message as a site's upload form writes it: a base64 attachment, LF line ends."""
+    import base64
+
+    head = (b"From: Kunde <post@a.example>\nTo: ola@x.example\nSubject: Vedlegg %d\nMIME-Version: 1.0\n"
+            b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n" % number)
+    body = base64.encodebytes(os.urandom((BIG_MESSAGE_BYTES - len(head)) * 3 // 4 - 1024))
+    return head + body
 
 
 @dataclass
@@ -125,9 +139,9 @@ class Client:
     times: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
-    def call(self) -> float:
+    def call(self, message: bytes = MESSAGE) -> float:
         started = time.perf_counter()
-        proc = subprocess.run(self.argv, input=MESSAGE, capture_output=True, env=self.env, timeout=120)
+        proc = subprocess.run(self.argv, input=message, capture_output=True, env=self.env, timeout=300)
         elapsed = time.perf_counter() - started
         if proc.returncode != 0:
             self.failures.append(f"exit {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
@@ -158,7 +172,7 @@ class Bench:
         }
         if gate:
             # The upstream here takes mail without AUTH: one customer on one machine.
-            sections["gate"] = {"socket": str(self.socket), "max_connections_per_uid": 64,
+            sections["gate"] = {"socket": str(self.socket), "max_connections_per_uid": 96,
                                 "trust": "single-tenant"}
             if os.geteuid() == 0:  # as packaged: sendmail checks the peer against [gate] user
                 sections["gate"]["user"] = GATE_USER
@@ -373,10 +387,27 @@ def measure(bench: Bench, upstream: SmtpUpstream, args: argparse.Namespace) -> d
     if args.callers:
         throughput(callers, args.callers, args.callers)
     gate_kb = gate_peak_kb(gate_pid)
+    if args.uploads:
+        big_uploads(callers, args.uploads, args.callers)
+    uploads_kb = gate_peak_kb(gate_pid)
     failures = {c.name: c.failures[:3] for c in clients if c.failures}
-    expected = sum(len(c.times) + 1 for c in senders) + args.burst * len(rates) + 5 * len(rss) + args.callers
-    received = len(upstream.wait_for(expected, timeout=30))
-    return report(medians, rates, rss, gate_kb, baseline_gate_kb, failures, expected, received, args)
+    expected = (sum(len(c.times) + 1 for c in senders) + args.burst * len(rates) + 5 * len(rss) + 2 * args.callers
+                + args.uploads)
+    received = len(upstream.wait_for(expected, timeout=120))
+    figures = report(medians, rates, rss, gate_kb, baseline_gate_kb, failures, expected, received, args)
+    figures["gate_peak_rss_kb"][f"after_{args.uploads}_uploads_of_10_MB_and_{args.callers}_callers"] = uploads_kb
+    return figures
+
+
+def big_uploads(client: Client, uploads: int, callers: int) -> None:
+    """``uploads`` 10 MB messages from one customer at once, while ``callers`` small ones come in too."""
+    messages = [big_message(number) for number in range(uploads)]
+    with ThreadPoolExecutor(uploads + callers) as pool:
+        big = [pool.submit(client.call, m) for m in messages]
+        time.sleep(0.5)  # the big ones are arriving: the small ones must not wait behind them
+        small = [pool.submit(client.call) for _ in range(callers)]
+        for future in big + small:
+            future.result()
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -451,7 +482,8 @@ def print_table(figures: dict[str, Any]) -> None:
         print(f"{name:<48} {median:>14.1f} {rate if rate is not None else '-':>8} "
               f"{round(kb / 1024, 1) if kb else '-':>12}")
     gate = figures["gate_peak_rss_kb"]
-    print("gate peak RSS: " + ", ".join(f"{k} {round(v / 1024, 1)} MB" for k, v in gate.items()))
+    print("gate peak RSS (VmHWM): " + ", ".join(f"{k.replace('_', ' ')} {round(v / 1024, 1)} MB"
+                                               for k, v in gate.items()) + f" (goal <= {GOAL_GATE_MB} MB)")
     for name, goal in figures["goals"].items():
         print(f"{name}: per call x{goal['per_call_vs_stall_free']} stall-free msmtp "
               f"(goal <= {GOAL_PER_CALL_VS_STALL_FREE}), x{goal['per_call_vs_msmtp']} msmtp "
@@ -469,6 +501,8 @@ def main(argv: list[str] | None = None, out: Callable[[dict[str, Any]], None] = 
     parser.add_argument("--burst", type=int, default=200, help="calls in the throughput run (default 200)")
     parser.add_argument("--parallel", type=int, default=8, help="calls at a time in it (default 8)")
     parser.add_argument("--callers", type=int, default=50, help="callers at once for the gate's RSS")
+    parser.add_argument("--uploads", type=int, default=16, help="10 MB uploads at once, with --callers small "
+                        "callers, for the gate's peak RSS (default 16)")
     parser.add_argument("--profile", type=Path, help="run the gate under cProfile and write its profile here "
                         "(with --burst 0 --callers 0: one call at a time only)")
     args = parser.parse_args(argv)

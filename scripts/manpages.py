@@ -473,6 +473,14 @@ KEY_TEXT: dict[str, str] = {
     "gate.allow_unbound": "Whether callers whose Unix user is bound to no customer may send through the gate.",
     "gate.max_connections_per_uid": "How many connections one Unix user may have open to the gate at once.",
     "gate.request_timeout": "Seconds a caller has to deliver its request to the gate.",
+    "gate.upload_memory": "Bytes of memory the large messages (over 1 MiB) being read and processed may hold "
+                          "in all. Such a message waits for a share (4 bytes for each byte [message] max_size "
+                          "allows, then for each byte it has) before it is read on; small messages never "
+                          "wait. One that finds no share within three quarters of request_timeout is refused "
+                          "with exit 69 (busy, try again), nothing sent. At least 16 MiB.",
+    "gate.max_uploads_per_uid": "How many large messages (over 1 MiB) of one Unix user are read and processed "
+                                "at once; more wait their turn, in their request_timeout, so one customer "
+                                "cannot hold all of upload_memory.",
     "queue.enabled": "Whether a temporary upstream failure queues the message (exit 0) instead of "
                      "refusing it (exit 69).",
     "queue.min_backoff": "The delay before the first retry; it grows after each failed attempt.",

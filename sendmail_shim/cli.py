@@ -997,8 +997,9 @@ def serve(state: State, user: str | None, as_json: bool) -> None:
     SIGHUP (systemctl reload) reads the config file again: messages in progress finish with
     the config they started with, new ones get the new one. A file that does not load, or a
     new upstream that fails the trust checks of the start, is logged and the running config
-    kept. [gate] socket, user, backlog, egress, trust and all of [ledger] need a restart;
-    a reload logs them as such and keeps their running values.
+    kept. [gate] socket, user, backlog, egress, trust, upload_memory, max_uploads_per_uid
+    and all of [ledger] need a restart; a reload logs them as such and keeps their running
+    values.
 
     At start the gate logs each message a previous run was relaying when it died as
     event=gate-outcome-unknown (Message-ID, uid, account), once; each counts until

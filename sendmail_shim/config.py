@@ -102,6 +102,7 @@ class MessageConfig:
 EGRESS_MODES = ("open", "restricted")
 TRUST_MODES = ("shared", "single-tenant")
 DEFAULT_BACKLOG = 1024
+DEFAULT_UPLOAD_MEMORY = 96 * 1024 * 1024
 _USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 
 
@@ -115,6 +116,8 @@ class GateConfig:
     allow_unbound: bool = False
     max_connections_per_uid: int = 16
     request_timeout: float = 120.0
+    upload_memory: int = DEFAULT_UPLOAD_MEMORY  # bytes the large messages being processed may hold in all
+    max_uploads_per_uid: int = 1  # large messages processed at once per Unix user; more wait their turn
 
 
 @dataclass(frozen=True)
@@ -494,6 +497,8 @@ def _gate(s: _Section) -> GateConfig:
         allow_unbound=s.boolean("allow_unbound", False),
         max_connections_per_uid=s.integer("max_connections_per_uid", 16, 1, 10000),
         request_timeout=s.number("request_timeout", 120.0, 1, 3600),
+        upload_memory=s.integer("upload_memory", DEFAULT_UPLOAD_MEMORY, 16 * 1024 * 1024, 1024**4),
+        max_uploads_per_uid=s.integer("max_uploads_per_uid", 1, 1, 10000),
     )
     s.done()
     return config

@@ -11,8 +11,11 @@ the same pipeline as ``sendmail`` in-process, with one warm ``Runtime``.
 Bounds: a connection gets ``[gate] request_timeout`` to deliver its request,
 at most ``[gate] max_connections_per_uid`` run at once per Unix user and
 ``MAX_CONNECTIONS`` in all, frames have fixed maximum sizes and the message
-``[message] max_size``. A refused or broken connection never touches the
-ledger or the upstream, and costs other callers nothing.
+``[message] max_size``. A message that grows past ``LARGE_MESSAGE`` waits for
+a share of ``[gate] upload_memory`` before it is read on, at most ``[gate]
+max_uploads_per_uid`` of them per Unix user at once (``UploadBudget``): small
+messages never wait. A refused or broken connection never touches the ledger
+or the upstream, and costs other callers nothing.
 
 Before serving, the gate verifies that sites cannot reach the relay past it
 (``trust.py``), refuses to run as root unless told which user to become
@@ -65,6 +68,11 @@ SOMAXCONN_FILE = "/proc/sys/net/core/somaxconn"
 SHUTDOWN_GRACE = 30.0
 SEND_TIMEOUT = 10.0  # for writing a verdict to a caller that does not read it
 SD_LISTEN_FDS_START = 3
+LARGE_MESSAGE = 1024 * 1024  # a message past this many bytes waits for a share of [gate] upload_memory
+# What the gate holds at its peak per byte of a message: the input, its lines, the bytes for DATA
+# (measured with tracemalloc: about 3.5; the rest is room for the allocator).
+MEMORY_PER_BYTE = 4
+WAIT_SHARE = 0.75  # of request_timeout, at most, spent waiting for a share: the rest is for reading on
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _PASSWORD_IN_URL = re.compile(r"^[^:/]+://[^/@:]*:[^/@]+@|[?&]password=", re.IGNORECASE)
 
@@ -97,6 +105,10 @@ class LedgerNotReady(GateError):
     """The ledger's schema is not this version's."""
 
 
+class UploadsBusy(Exception):
+    """A large message found no share of ``[gate] upload_memory`` in time; nothing was sent (exit 69)."""
+
+
 # ------------------------------------------------------------------ entry points
 
 
@@ -125,7 +137,7 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
     listener = open_listener(config.gate, inherited)
     report_unsettled(runtime)  # before the first caller: every reservation of ours now is a dead run's
     recorder = Recorder(config)
-    gate = Gate(listener, runtime, guard, recorder)
+    gate = Gate(listener, runtime, guard, recorder, UploadBudget(config))
     reloader = Reloader(gate, identity)
     housekeeping = runtime.ledger.housekeeping(lambda event, fields: _log(
         gate.config, "warning" if fields.get("failed") else "info", event=event, **fields))
@@ -440,8 +452,9 @@ def _answer_probes(sock: socket.socket, config: Config, identity: trust.Identity
 
 # What a running gate cannot change: its socket and user are fixed at start (and root is gone),
 # the egress probe needs root, the trust mode was verified once, and the ledger's connections
-# and timeouts are shared by everything in flight.
-RESTART_ONLY_GATE_KEYS = ("socket", "user", "backlog", "egress", "trust")  # and all of [ledger]
+# and timeouts are shared by everything in flight, and the upload budget is shared out as it stands.
+RESTART_ONLY_GATE_KEYS = ("socket", "user", "backlog", "egress", "trust",
+                          "upload_memory", "max_uploads_per_uid")  # and all of [ledger]
 _SECTIONS = ("upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log")
 
 
@@ -804,8 +817,9 @@ class Gate:
     """Accepts connections, admits them per Unix user, and serves each in a thread."""
 
     def __init__(self, listener: Listener, runtime: Runtime, guard: TrustGuard,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None, budget: UploadBudget | None = None) -> None:
         self.listener, self.runtime, self.guard, self.recorder = listener, runtime, guard, recorder
+        self.budget = budget
         self.exit_code = os.EX_OK
         self.loaded_at: float | None = None  # of the last reload; None: the config of the start
         self.restart_needed: tuple[str, ...] = ()
@@ -952,7 +966,7 @@ class Gate:
     def _serve(self, conn: socket.socket, pid: int, uid: int, runtime: Runtime) -> None:
         caller = Caller(uid=uid, user=_user_name(uid), pid=pid)  # the name lookup may be slow (NSS)
         try:
-            Connection(conn, caller, runtime, self.status, self.recorder).serve()
+            Connection(conn, caller, runtime, self.status, self.recorder, self.budget).serve()
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the gate
             _log(runtime.config, "err", event="gate-internal-error", uid=caller.uid,
                  reason=f"{type(exc).__name__}: {exc}")
@@ -1047,13 +1061,72 @@ class Recorder:
         return batch, False
 
 
+class UploadBudget:
+    """``[gate] upload_memory``, shared out among the large messages being read and processed.
+
+    A message's size is known only at its end. One that grows past
+    ``LARGE_MESSAGE`` takes, before it is read on, a share for the largest
+    message allowed (``MEMORY_PER_BYTE`` x ``[message] max_size``, at most the
+    whole budget); at its end the share shrinks to what its own size needs,
+    and it is given back once the verdict is decided. A share covers the
+    whole message, so no two messages can each hold part of the budget and
+    wait for the rest. At most ``[gate] max_uploads_per_uid`` shares go to
+    one Unix user at once, so one customer cannot hold the whole budget; the
+    others wait their turn, in the caller's ``request_timeout``.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.total, self.per_uid = config.gate.upload_memory, config.gate.max_uploads_per_uid
+        self.largest = min(self.total, MEMORY_PER_BYTE * config.message.max_size)
+        self.used = 0
+        self.holders: dict[int, int] = {}
+        self._changed = threading.Condition()
+
+    def take(self, uid: int, until: float) -> int:
+        """A share for the largest message, waiting for it until ``until``; raises UploadsBusy."""
+        with self._changed:
+            while self.holders.get(uid, 0) >= self.per_uid or self.used + self.largest > self.total:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    raise UploadsBusy(self._busy_line(uid))
+                self._changed.wait(remaining)
+            self.used += self.largest
+            self.holders[uid] = self.holders.get(uid, 0) + 1
+        return self.largest
+
+    def shrink(self, share: int, size: int) -> int:
+        """The share cut down to what a message of ``size`` bytes needs."""
+        smaller = min(share, MEMORY_PER_BYTE * size)
+        with self._changed:
+            self.used -= share - smaller
+            self._changed.notify_all()
+        return smaller
+
+    def give_back(self, uid: int, share: int) -> None:
+        with self._changed:
+            self.used -= share
+            self.holders[uid] -= 1
+            if not self.holders[uid]:
+                del self.holders[uid]
+            self._changed.notify_all()
+
+    def _busy_line(self, uid: int) -> str:
+        if self.holders.get(uid, 0) >= self.per_uid:
+            return (f"the Unix user {_user_label(uid)} already has {self.per_uid} large message(s) in progress "
+                    f"at the mail gate, the most allowed at once, and this one found no turn in time; "
+                    f"try again in a moment")
+        return "the mail gate is busy with other large messages and this one found no turn in time; " \
+               "try again in a moment"
+
+
 class Connection:
     """One caller, one message: greeting, arguments, message, verdict."""
 
     def __init__(self, conn: socket.socket, caller: Caller, runtime: Runtime,
-                 status: Callable[[], dict[str, object]], recorder: Recorder | None = None) -> None:
+                 status: Callable[[], dict[str, object]], recorder: Recorder | None = None,
+                 budget: UploadBudget | None = None) -> None:
         self.conn, self.caller, self.runtime = conn, caller, runtime
-        self.status, self.recorder = status, recorder
+        self.status, self.recorder, self.budget = status, recorder, budget
         self.config = runtime.config
         self.deadline = time.monotonic() + self.config.gate.request_timeout
 
@@ -1065,7 +1138,10 @@ class Connection:
                 self._answer_query(payload)
                 return
             argv, upload = self._read_argv(payload)
-            verdict, record = self._decide(argv, upload)
+            try:
+                verdict, record = self._decide(argv, upload)
+            finally:
+                upload.give_back()  # the message and its copies are gone with _decide's frame
         except protocol.PeerClosed:
             self._log_broken("closed before the end of the request", "notice")
             return
@@ -1120,8 +1196,14 @@ class Connection:
                 argv.append(os.fsdecode(payload))
             kind, payload = protocol.read_frame(self.conn, self.deadline, protocol.ARG + protocol.DATA + protocol.END)
             if kind != protocol.ARG:
-                return too_long or argv, Upload(self.conn, self.deadline, kind, payload)
+                return too_long or argv, Upload(self.conn, self.deadline, kind, payload, self._admission())
             count, total = count + 1, total + len(payload)
+
+    def _admission(self) -> Admission | None:
+        if self.budget is None:
+            return None
+        timeout = self.config.gate.request_timeout
+        return Admission(self.budget, self.caller.uid, self.deadline - (1 - WAIT_SHARE) * timeout)
 
     def _decide(self, argv: list[str] | str, upload: Upload) -> tuple[Verdict, Record | None]:
         """The verdict and what to record after answering; reading the message stops at its first refusal."""
@@ -1134,7 +1216,7 @@ class Connection:
                                  f"answered by sendmail itself, not by the mail gate")
             # Returns only after END: a request cut short is never sent.
             raw = read_input(cast(BinaryIO, upload), self.config.message.max_size)
-        except (UsageError, MessageError) as exc:
+        except (UsageError, MessageError, UploadsBusy) as exc:
             return refuse(exc, self.caller, self.runtime), None  # recorded at once
         return decide(invocation, raw, self.caller, self.runtime)
 
@@ -1155,29 +1237,62 @@ class Connection:
              user=self.caller.user, pid=self.caller.pid, reason=reason)
 
 
+class Admission:
+    """One message's share of the ``UploadBudget``, taken once it turns out to be large."""
+
+    def __init__(self, budget: UploadBudget, uid: int, wait_until: float) -> None:
+        self.budget, self.uid, self.wait_until = budget, uid, wait_until
+        self.share = 0
+
+    def received(self, size: int, ended: bool) -> None:
+        """``size`` bytes have arrived: past LARGE_MESSAGE a share is needed before reading on."""
+        if not self.share and size > LARGE_MESSAGE:
+            self.share = self.budget.take(self.uid, self.wait_until)
+        if self.share and ended:
+            self.share = self.budget.shrink(self.share, size)
+
+    def give_back(self) -> None:
+        share, self.share = self.share, 0
+        if share:
+            self.budget.give_back(self.uid, share)
+
+
 class Upload:
     """The message as it arrives in DATA frames; reading stops at END."""
 
-    def __init__(self, conn: socket.socket, deadline: float, kind: bytes, payload: bytes) -> None:
-        self.conn, self.deadline = conn, deadline
+    def __init__(self, conn: socket.socket, deadline: float, kind: bytes, payload: bytes,
+                 admission: Admission | None = None) -> None:
+        self.conn, self.deadline, self.admission = conn, deadline, admission
         self.ended = kind == protocol.END
         self._pending = b"" if self.ended else payload
+        self.size = len(self._pending)
 
     def read(self, size: int = -1) -> bytes:
         while not self._pending and not self.ended:  # an empty DATA frame is not the end
-            kind, payload = protocol.read_frame(self.conn, self.deadline, protocol.DATA + protocol.END)
-            self.ended = kind == protocol.END
-            self._pending = payload
+            self._next_frame()
+            if self.admission is not None:  # may wait (holding one frame) for the message's turn
+                self.admission.received(self.size, self.ended)
         if size < 0:
             size = len(self._pending)
         piece, self._pending = self._pending[:size], self._pending[size:]
         return piece
 
+    def _next_frame(self) -> None:
+        kind, payload = protocol.read_frame(self.conn, self.deadline, protocol.DATA + protocol.END)
+        self.ended = kind == protocol.END
+        self._pending = payload
+        self.size += len(payload)
+
     def drain(self) -> None:
-        """Read and drop the rest of the message, up to END."""
+        """Read and drop the rest of the message, up to END (it is not processed: no share needed)."""
         while not self.ended:
-            self._pending = b""
-            self.read()
+            self._next_frame()
+        self._pending = b""
+
+    def give_back(self) -> None:
+        """The message's share of the budget, once it is no longer held."""
+        if self.admission is not None:
+            self.admission.give_back()
 
 
 def _wire(code: int, line: str | None, smtp_code: int | None = None,

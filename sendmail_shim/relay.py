@@ -30,6 +30,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .config import ConfigError, UpstreamConfig, check_private_file
@@ -552,20 +553,37 @@ def _data(smtp: _Connection, host: str, data: bytes, stages: _Stages, rcpt: Rela
     code, reply = smtp.docmd("DATA")
     if code != 354:
         raise _reply_error(code, reply, "DATA", host)
-    wire = _LINE_START_DOT.sub(b"..", data)  # the data is CRLF already (encoding.for_upstream)
-    if not wire.endswith(b"\r\n"):
-        wire += b"\r\n"
-    wire += b".\r\n"
     assert smtp.sock is not None
-    for start in range(0, len(wire), BLOCK_SIZE):
+    for block in dot_stuffed_blocks(data):
         stages.expect(smtp, "a block of the message's data", cfg.block_timeout)
-        smtp.sock.sendall(wire[start:start + BLOCK_SIZE])
+        smtp.sock.sendall(block)
     pending = PendingReply(smtp, host, rcpt, time.monotonic() + cfg.dot_timeout, cfg.dot_timeout)
     wait = stages.clock.wait(cfg.dot_timeout, command=False)
     if wait < cfg.dot_timeout and not pending.readable(wait):
         pending.waited = cfg.sync_budget
         raise ReplyPending(pending)  # the caller may go; the reply is awaited on the side
     return pending.wait()
+
+
+def dot_stuffed_blocks(data: bytes) -> Iterator[bytes]:
+    """The data dot-stuffed and ended with the final dot, in blocks of about ``BLOCK_SIZE``.
+
+    The data is CRLF already (encoding.for_upstream). Each block is cut just
+    after a line feed, so every block starts a line and stuffing it alone gives
+    the bytes stuffing the whole would; a large message is never copied whole.
+    """
+    ending = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
+    start, size = 0, len(data)
+    while True:
+        end = size if start + BLOCK_SIZE >= size else data.rfind(b"\n", start, start + BLOCK_SIZE) + 1
+        if end <= start:  # a line longer than a block: the block takes the whole line
+            end = data.find(b"\n", start + BLOCK_SIZE) + 1 or size
+        block = _LINE_START_DOT.sub(b"..", data[start:end])
+        start = end
+        if start >= size:  # the final dot rides with the last block: a small message is one write
+            yield block + ending
+            return
+        yield block
 
 
 class PendingReply:
