@@ -56,6 +56,7 @@ BUSY_LOG_INTERVAL = 10.0  # one gate-busy line per uid this often, with a count:
 TRUST_RETRY_FIRST, TRUST_RETRY_LONGEST = 5.0, 60.0  # re-probing a relay that was down at start
 SOMAXCONN_FILE = "/proc/sys/net/core/somaxconn"
 SHUTDOWN_GRACE = 30.0
+LOG_FLUSH_INTERVAL = 1.0  # the recorder wakes this often when idle, to write the log's due summaries
 SEND_TIMEOUT = 10.0  # for writing a verdict to a caller that does not read it
 SD_LISTEN_FDS_START = 3
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -109,6 +110,7 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
     if os.geteuid() == 0:
         drop_privileges(identity)
     check_private_files(config)
+    maillog.require_writable(config, identity.name)  # a log file it cannot write stops the start
     runtime = Runtime(config, in_gate=True)
     guard = TrustGuard(config, identity, runtime, egress, prober)
     runtime.upstream = guard.upstream
@@ -135,6 +137,7 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
         recorder.close()  # what was answered is recorded before the gate goes
         runtime.upstream.close()
         runtime.ledger.close()
+        maillog.flush(config.log, everything=True)  # what was suppressed is counted before the gate goes
         _log(config, "info", event="gate-stop", socket=listener.where, pid=os.getpid())
     return gate.exit_code
 
@@ -784,17 +787,23 @@ class Recorder:
         stopping = False
         while not stopping:
             batch, stopping = self._take()
-            if not batch:
-                continue
-            try:
-                record_together(batch)
-            except Exception as exc:  # noqa: BLE001 - a bug in one batch must not stop the bookkeeping
-                _log(self.config, "err", event="gate-internal-error", records=len(batch),
-                     reason=f"{type(exc).__name__}: {exc}")
+            if batch:
+                self._record(batch)
+            maillog.flush(self.config.log)  # summaries of suppressed lines whose window has ended
+
+    def _record(self, batch: list[Record]) -> None:
+        try:
+            record_together(batch)
+        except Exception as exc:  # noqa: BLE001 - a bug in one batch must not stop the bookkeeping
+            _log(self.config, "err", event="gate-internal-error", records=len(batch),
+                 reason=f"{type(exc).__name__}: {exc}")
 
     def _take(self) -> tuple[list[Record], bool]:
         """What is waiting now (waiting for the first), and whether the gate is stopping."""
-        first = self._waiting.get()
+        try:
+            first = self._waiting.get(timeout=LOG_FLUSH_INTERVAL)
+        except queue.Empty:  # quiet for a while: the summaries that are due are written all the same
+            return [], False
         if first is None:
             return [], True
         batch = [first]

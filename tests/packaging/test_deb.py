@@ -173,16 +173,19 @@ def test_the_shipped_config_needs_only_the_upstream_and_the_relay_addresses(buil
     assert loaded.upstream.host == "smtp.example.net"
     assert loaded.gate.socket == "/run/sendmail-shim/gate.sock"
     assert loaded.ledger.url == config.DEFAULT_LEDGER_URL
+    assert loaded.log.file == "/var/log/sendmail-shim/decisions.log"  # in the directory the package makes
 
 
-def test_the_ledger_directory_is_made_private_by_the_maintainer_scripts(built: Built) -> None:
+def test_the_ledger_and_log_directories_are_made_private_by_the_maintainer_scripts(built: Built) -> None:
     control = built.root.parent / "control"
     subprocess.run(["dpkg-deb", "-e", str(built.deb), str(control)], check=True)
     postinst = (control / "postinst").read_text()
     assert "adduser --system --group" in postinst and "--shell /usr/sbin/nologin" in postinst
     assert "dpkg-statoverride --update --add sendmail-shim sendmail-shim 0700 /var/lib/sendmail-shim" in postinst
+    assert "dpkg-statoverride --update --add sendmail-shim sendmail-shim 0750 /var/log/sendmail-shim" in postinst
+    assert (built.root / "var/log/sendmail-shim").is_dir()
     postrm = (control / "postrm").read_text()
-    assert "deluser" in postrm and "rm -rf /etc/sendmail-shim /var/lib/sendmail-shim" in postrm
+    assert "deluser" in postrm and "rm -rf /etc/sendmail-shim /var/lib/sendmail-shim /var/log/sendmail-shim" in postrm
 
 
 def test_the_units_are_shipped_but_not_enabled(built: Built) -> None:
