@@ -405,7 +405,22 @@ KEY_TEXT: dict[str, str] = {
     "upstream.tls_server_name": "The name the relay's certificate must carry, when host is an address. "
                                 "Unset: host.",
     "upstream.helo": "The name sent in EHLO. Unset: this host's name.",
-    "upstream.timeout": "Seconds to wait for each SMTP reply.",
+    "upstream.timeout": "Seconds for connecting, the TLS handshake, EHLO, STARTTLS, AUTH, RSET and QUIT; "
+                        "in the synchronous path also the most any command before the final dot waits.",
+    "upstream.sync_timeout": "Seconds one synchronous attempt (sendmail in-process or through the gate) "
+                             "may take in all: what a caller such as PHP's mail() waits at most. When it "
+                             "runs out after the final dot, the message is queued (awaiting_reply in the "
+                             "gate, which waits on for the reply; uncertain in-process) and the caller "
+                             "gets exit 0. Keep it below [gate] request_timeout. Unset: as long as timeout.",
+    "upstream.greeting_timeout": "Seconds to wait for the 220 greeting (RFC 5321 section 4.5.3.2).",
+    "upstream.mail_timeout": "Seconds to wait for the reply to MAIL FROM (RFC 5321 section 4.5.3.2).",
+    "upstream.rcpt_timeout": "Seconds to wait for the reply to each RCPT TO (RFC 5321 section 4.5.3.2).",
+    "upstream.data_timeout": "Seconds to wait for the reply to DATA (RFC 5321 section 4.5.3.2).",
+    "upstream.block_timeout": "Seconds to send each 64 KiB block of the message (RFC 5321 section 4.5.3.2).",
+    "upstream.dot_timeout": "Seconds to wait for the reply to the final dot (RFC 5321 section 4.5.3.2). "
+                            "No reply in time, or a lost connection, makes the message uncertain: it is "
+                            "retried once, after [queue] max_backoff, and held if that attempt too goes "
+                            "unanswered.",
     "upstream.username": "The AUTH (PLAIN or LOGIN) user, used only inside TLS. Needs password_file.",
     "upstream.password_file": "The file holding the relay password, readable by its owner only "
                               "(mode 0600), or nothing is sent (exit 78). Needs username.",
@@ -426,7 +441,9 @@ KEY_TEXT: dict[str, str] = {
                   "permerror); temperror never does.",
     "spf.hint": 'What a customer should add to the record, shown in the refusal line, '
                 'e.g. "include:_spf.example.net". Unset: the relay address as an ip4: or ip6: term.',
-    "spf.timeout": "Seconds for all the DNS work of one message.",
+    "spf.timeout": "Seconds for all the DNS work of one message; PHP's mail() waits this long at most. "
+                   "Each nameserver gets 1 s, then once more 2 s, to answer a lookup; one that did not "
+                   "is asked last for the rest of the check. No answer in time gives exit 69.",
     "spf.cache_max_ttl": "Verdicts are cached within their DNS TTL, and at most this many seconds.",
     "spf.enabled": "Whether SPF is checked at all.",
     "limits.account": "The rules for each sending account.",

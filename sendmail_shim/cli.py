@@ -909,9 +909,11 @@ def queue() -> None:
 
 def _queue_line(entry: Any) -> str:
     pending = sum(1 for r in entry.recipients if r.state == "pending")
-    when = iso(entry.next_attempt_at) if entry.state == "queued" else "done"
+    when = f"next {iso(entry.next_attempt_at)}" if entry.state in ("queued", "uncertain") else entry.state
+    if entry.state == "uncertain":
+        when = f"uncertain, {when}"
     return (f"{entry.id}  {entry.kind:<7} from {entry.sender or '<>'}  {pending}/{len(entry.recipients)} "
-            f"pending  attempts {entry.attempts}  next {when}  {entry.last_error or ''}").rstrip()
+            f"pending  attempts {entry.attempts}  {when}  {entry.last_error or ''}").rstrip()
 
 
 @queue.command("list", epilog=example("sendmail-shim queue list --json"))
@@ -919,7 +921,7 @@ def _queue_line(entry: Any) -> str:
 @json_option
 @pass_state
 def queue_list(state: State, include_done: bool, as_json: bool) -> None:
-    """List queued messages: id, sender, recipients pending, attempts, next attempt, last error."""
+    """List queued messages: id, sender, recipients pending, attempts, state or next attempt, last error."""
     from . import queue as queue_stage
 
     entries = queue_stage.list_queue(state.ledger, include_done=include_done)
@@ -964,10 +966,12 @@ def queue_run(state: State, ignore_backoff: bool, as_json: bool) -> None:
 
     config = state.config
     upstream = Upstream(config.upstream, config.path)
-    report = queue_stage.Runner(state.ledger, upstream, config.queue, now=ignore_backoff).run()
+    report = queue_stage.Runner(state.ledger, upstream, config.queue, now=ignore_backoff, log=config.log).run()
     show(as_json, report.as_dict(),
          f"{report.messages} message(s) tried: {report.delivered} recipient(s) delivered, "
-         f"{report.deferred} deferred, {report.failed} failed, {report.bounces} bounce(s) queued")
+         f"{report.deferred} deferred, {report.failed} failed, {report.bounces} bounce(s) queued"
+         + (f", {report.uncertain} unanswered after the end of data ({report.held} held)" if report.uncertain
+            else ""))
 
 
 # ----------------------------------------------------------------- serve

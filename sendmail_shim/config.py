@@ -34,6 +34,11 @@ class ConfigError(Exception):
         super().__init__(where + problem)
 
 
+# RFC 5321 section 4.5.3.2's minimum waits for each stage's reply, in seconds.
+STAGE_TIMEOUTS = {"greeting_timeout": 300.0, "mail_timeout": 300.0, "rcpt_timeout": 300.0,
+                  "data_timeout": 120.0, "block_timeout": 180.0, "dot_timeout": 600.0}
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     host: str
@@ -41,9 +46,22 @@ class UpstreamConfig:
     ca_file: str | None = None
     tls_server_name: str | None = None
     helo: str | None = None
-    timeout: float = 30.0
+    timeout: float = 30.0  # connect, TLS, EHLO, AUTH; and each command of the synchronous path
     username: str | None = None
     password_file: str | None = None
+    # The waits of RFC 5321 section 4.5.3.2 (docs/configuration.md says what each one bounds).
+    greeting_timeout: float = STAGE_TIMEOUTS["greeting_timeout"]
+    mail_timeout: float = STAGE_TIMEOUTS["mail_timeout"]
+    rcpt_timeout: float = STAGE_TIMEOUTS["rcpt_timeout"]
+    data_timeout: float = STAGE_TIMEOUTS["data_timeout"]  # the reply to DATA itself
+    block_timeout: float = STAGE_TIMEOUTS["block_timeout"]  # sending each block of the message
+    dot_timeout: float = STAGE_TIMEOUTS["dot_timeout"]  # the reply to the final dot
+    sync_timeout: float | None = None  # all of one synchronous attempt; None: as long as ``timeout``
+
+    @property
+    def sync_budget(self) -> float:
+        """How long a caller of ``sendmail`` waits for the upstream at most."""
+        return self.timeout if self.sync_timeout is None else self.sync_timeout
 
 
 @dataclass(frozen=True)
@@ -61,7 +79,7 @@ class SpfConfig:
     nameservers: tuple[str, ...] = ()
     accept: tuple[str, ...] = ("pass",)
     hint: str | None = None
-    timeout: float = 20.0
+    timeout: float = 10.0
     cache_max_ttl: int = 3600
     enabled: bool = True
 
@@ -332,6 +350,8 @@ def _upstream(s: _Section) -> UpstreamConfig:
         timeout=s.number("timeout", 30.0, 0.1, 3600),
         username=username,
         password_file=password_file,
+        **{key: s.number(key, default, 0.1, 3600) for key, default in STAGE_TIMEOUTS.items()},
+        sync_timeout=s.number("sync_timeout", 0.0, 0.1, 3600) or None,  # absent: 0, so as long as timeout
     )
     s.done()
     return config
@@ -379,7 +399,7 @@ def _spf(s: _Section) -> SpfConfig:
         nameservers=nameservers,
         accept=accept,
         hint=s.string("hint"),
-        timeout=s.number("timeout", 20.0, 0.1, 120),
+        timeout=s.number("timeout", 10.0, 0.1, 120),
         cache_max_ttl=s.integer("cache_max_ttl", 3600, 0, 86400),
         enabled=enabled,
     )

@@ -12,6 +12,7 @@ only when a query is actually sent: a cached SPF verdict costs no DNS import.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
@@ -21,6 +22,7 @@ MAX_CNAME_HOPS = 8
 DEFAULT_PORT = 53
 EDNS_PAYLOAD = 1232  # the size the DNS flag day 2020 settled on: no IP fragmentation
 RESOLV_CONF = "/etc/resolv.conf"
+NO_ANSWER = "DNS did not answer"
 
 
 class DnsError(Exception):
@@ -28,13 +30,16 @@ class DnsError(Exception):
 
 
 class DnsTemporaryError(DnsError):
-    """No usable answer now (timeout, SERVFAIL, REFUSED, no server reachable).
+    """No usable answer now (no reply, SERVFAIL, REFUSED, no server reachable).
 
-    ``reason`` is a short phrase such as ``"DNS timeout"`` for the user's stderr line.
+    ``reason`` is a short phrase such as ``"DNS did not answer"`` for the user's
+    stderr line; ``silent`` names the servers ("host:port") that gave no reply.
     """
 
-    def __init__(self, reason: str, name: str = "", rdtype: str = "") -> None:
+    def __init__(self, reason: str, name: str = "", rdtype: str = "",
+                 silent: Sequence[str] = ()) -> None:
         self.reason, self.name, self.rdtype = reason, name, rdtype
+        self.silent = tuple(silent)
         where = f" ({rdtype} {name})" if name else ""
         super().__init__(reason + where)
 
@@ -88,18 +93,27 @@ def system_nameservers(path: str = RESOLV_CONF) -> list[tuple[str, int]]:
 class NetworkResolver:
     """Queries DNS servers with dnspython: UDP first, TCP when truncated.
 
-    ``nameservers`` are (host, port) pairs asked in turn, with growing
-    per-attempt timeouts, until one gives an answer; ``None`` means the servers
-    of /etc/resolv.conf. ``timeout`` bounds one lookup (all servers and retries
+    ``nameservers`` are (host, port) pairs asked in turn until one gives an
+    answer; ``None`` means the servers of /etc/resolv.conf. Each server gets
+    ``attempts`` tries per lookup, the first after ``first_attempt_timeout``
+    seconds and each later one twice as long, so a silent server costs seconds,
+    not the whole budget. ``timeout`` bounds one lookup (all servers and retries
     together); the ``timeout`` given to ``lookup`` can only shorten it.
+
+    A server that gave no reply is remembered for ``timeout`` seconds (one SPF
+    evaluation): later lookups ask the other servers first and give it a single
+    short try, so one dead server does not cost its full wait on every lookup.
+    An answer from it clears the mark.
     """
 
     first_attempt_timeout = 1.0
+    attempts = 2
 
     def __init__(self, nameservers: Sequence[tuple[str, int]] | None = None,
                  timeout: float = 5.0) -> None:
         self._configured = list(nameservers) if nameservers else None
         self.timeout = timeout
+        self._silent_since: dict[tuple[str, int], float] = {}
 
     @classmethod
     def from_config(cls, nameservers: Sequence[str], timeout: float) -> NetworkResolver:
@@ -114,6 +128,12 @@ class NetworkResolver:
         if self._configured is None:
             self._configured = system_nameservers()
         return list(self._configured)
+
+    def silent_servers(self) -> list[tuple[str, int]]:
+        """The servers that recently gave no reply (and have not answered since)."""
+        now = time.monotonic()
+        return [server for server in self.nameservers
+                if now - self._silent_since.get(server, -math.inf) < self.timeout]
 
     def lookup(self, name: str, rdtype: str, *, timeout: float | None = None) -> DnsAnswer:
         if rdtype not in RECORD_TYPES:
@@ -141,42 +161,77 @@ class NetworkResolver:
             qname = target
         raise DnsTemporaryError("CNAME chain too long", text, rdtype)
 
+    def _plan(self) -> list[tuple[tuple[str, int], float]]:
+        """(server, attempt timeout) in the order to try them for one lookup.
+
+        Round by round with growing timeouts; servers that were silent before
+        come last, with one short try only.
+        """
+        silent = set(self.silent_servers())
+        fresh = [server for server in self.nameservers if server not in silent]
+        plan = [(server, self.first_attempt_timeout * 2 ** attempt)
+                for attempt in range(self.attempts) for server in fresh]
+        return plan + [(server, self.first_attempt_timeout) for server in self.nameservers
+                       if server in silent]
+
     def _exchange(self, qname: Any, rdtype: str, deadline: float, text: str) -> Any:
         """One question, asked of the servers in turn until one answers usefully."""
         import dns.exception
         import dns.message
-        import dns.query
         import dns.rcode
 
         query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
-        servers = self.nameservers
-        failure = "DNS timeout"
-        attempt_timeout = self.first_attempt_timeout
-        while servers:
-            for host, port in list(servers):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DnsTemporaryError(failure, text, rdtype)
-                try:
-                    # Stray packets from elsewhere are ignored, not taken as this server's fault.
-                    response, _ = dns.query.udp_with_fallback(
-                        query, host, timeout=min(attempt_timeout, remaining), port=port,
-                        ignore_unexpected=True)
-                except dns.exception.Timeout:
-                    failure = "DNS timeout"
-                    continue
-                except (OSError, dns.exception.DNSException) as exc:
-                    # Refused, unreachable or garbled: this server is no use for this lookup.
-                    failure = f"DNS server {host} port {port} unusable ({_short(exc)})"
-                    servers.remove((host, port))
-                    continue
-                rcode = response.rcode()
-                if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-                    return response
-                failure = f"DNS server failure ({dns.rcode.to_text(rcode)})"
-                servers.remove((host, port))
-            attempt_timeout *= 2
-        raise DnsTemporaryError(failure, text, rdtype)
+        unusable: set[tuple[str, int]] = set()
+        silent: list[str] = []
+        failure: str | None = None  # a definite failure says more than silence
+        for server, attempt_timeout in self._plan():
+            if server in unusable:
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            host, port = server
+            try:
+                response = _ask(query, server, min(attempt_timeout, remaining), deadline)
+            except dns.exception.Timeout:
+                self._silent_since[server] = time.monotonic()
+                if _server_text(server) not in silent:
+                    silent.append(_server_text(server))
+                continue
+            except (OSError, dns.exception.DNSException) as exc:
+                # Refused, unreachable or garbled: this server is no use for this lookup.
+                failure = f"DNS server {host} port {port} unusable ({_short(exc)})"
+                unusable.add(server)
+                continue
+            self._silent_since.pop(server, None)  # it answers after all
+            rcode = response.rcode()
+            if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                return response
+            failure = f"DNS server failure ({dns.rcode.to_text(rcode)})"
+            unusable.add(server)
+        raise DnsTemporaryError(failure or NO_ANSWER, text, rdtype, silent)
+
+
+def _ask(query: Any, server: tuple[str, int], timeout: float, deadline: float) -> Any:
+    """One try at one server: UDP, then TCP when the answer was truncated, within ``deadline``."""
+    import dns.exception
+    import dns.flags
+    import dns.query
+
+    host, port = server
+    # Stray packets from elsewhere are ignored, not taken as this server's fault.
+    response = dns.query.udp(query, host, timeout=timeout, port=port, ignore_unexpected=True)
+    if not response.flags & dns.flags.TC:
+        return response
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise dns.exception.Timeout
+    return dns.query.tcp(query, host, timeout=min(timeout, remaining), port=port)
+
+
+def _server_text(server: tuple[str, int]) -> str:
+    host, port = server
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _short(exc: BaseException) -> str:

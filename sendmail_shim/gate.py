@@ -858,6 +858,10 @@ class Connection:
         except OSError as exc:  # the caller left; the log has the verdict
             self._log_broken(f"verdict not delivered: {exc.strerror or exc}", "notice")
         finally:
+            if record is not None and record.follow_up is not None:
+                # A late reply to the final dot is awaited on its own thread: the caller has its
+                # answer, and the wait (up to [upstream] dot_timeout) holds none of its slots.
+                threading.Thread(target=record.follow_up, name="gate-reply-wait", daemon=True).start()
             # The caller is not kept waiting for the log line, the settle and the decision record.
             if record is not None and self.recorder is not None:
                 self.recorder.put(record)

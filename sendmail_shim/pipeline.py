@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,7 @@ from .envelope import Envelope
 from .invocation import Invocation
 from .ledger import Ledger, LedgerError, Reservation
 from .message import Message
-from .relay import RelayError, RelayResult, Upstream
+from .relay import PendingReply, RelayError, RelayResult, ReplyPending, Upstream
 
 if TYPE_CHECKING:
     from .dnsclient import Resolver
@@ -93,6 +93,7 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
     fields: dict[str, object] = {"uid": caller.uid, "user": caller.user, "size": len(raw)}
     reservation: Reservation | None = None
     outcome: str | None = None  # how the reservation is settled with the decision record
+    follow_up: Callable[[], None] | None = None
     try:
         message, envelope = _prepare(invocation, raw, caller, runtime, fields)
         account = _authorise(envelope, message, caller, runtime)
@@ -102,12 +103,12 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         queue.crash_point("pipeline:after-reserve")
         # From here on the message counts against the limits: it ends up sent, queued or released
         # (or, if this process dies first, expired after [ledger] reservation_timeout).
-        verdict, outcome = _relay_or_queue(envelope, message, reservation, runtime, fields)
+        verdict, outcome, follow_up = _relay_or_queue(envelope, message, reservation, runtime, fields)
     except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
         outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
-    return verdict, Record(runtime, verdict, reservation, outcome)
+    return verdict, Record(runtime, verdict, reservation, outcome, follow_up)
 
 
 def _prepare(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime,
@@ -155,23 +156,77 @@ def _check_spf(envelope: Envelope, message: Message, runtime: Runtime) -> None:
 
 
 def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservation, runtime: Runtime,
-                    fields: dict[str, object]) -> tuple[Verdict, str | None]:
-    """The verdict, and how the reservation is still to be settled (None: the queue did it)."""
+                    fields: dict[str, object]) -> tuple[Verdict, str | None, Callable[[], None] | None]:
+    """The verdict, how the reservation is still to be settled (None: the queue did it), and
+    what is left to do once the caller has its answer (the gate's wait for a late reply)."""
     try:
-        result = runtime.upstream.send(envelope, message)
+        result = runtime.upstream.send(envelope, message, synchronous=True)
+    except ReplyPending as late:
+        if not runtime.config.queue.enabled:
+            late.pending.abandon()
+            raise _unconfirmed_error(late) from None
+        return _awaiting(late, envelope, message, reservation, runtime, fields)
     except RelayError as exc:
         if not (exc.temporary and runtime.config.queue.enabled):
             raise
+        state = "uncertain" if exc.uncertain else "queued"  # the upstream may have it: one retry at most
         queue_id = queue.enqueue(runtime.ledger, runtime.config.queue, reservation=reservation,
-                                 envelope=envelope, message=message, error=str(exc))
+                                 envelope=envelope, message=message, error=str(exc), state=state)
         # From here on the mail is safe: committed to the queue, it will be delivered or bounced.
-        return _queued(queue_id, str(exc), exc.site_problem, fields), None
+        return _queued(queue_id, str(exc), exc.site_problem, fields, state), None, None
     if result.deferred:  # some recipients said "later": they wait in the queue, the rest have it
         queue_id = queue.enqueue(runtime.ledger, runtime.config.queue, reservation=reservation,
                                  envelope=envelope, message=message, delivered=result.accepted,
                                  error="; ".join(f"{r.address}: {r.code} {r.text}" for r in result.deferred))
-        return _queued(queue_id, f"{len(result.deferred)} recipient(s) deferred", False, fields), None
-    return _sent(result, fields), "sent"
+        return _queued(queue_id, f"{len(result.deferred)} recipient(s) deferred", False, fields), None, None
+    return _sent(result, fields), "sent", None
+
+
+def _unconfirmed_error(late: ReplyPending) -> RelayError:
+    from .relay import UpstreamUncertain
+
+    return UpstreamUncertain(f"{late}; it may have the message", late.pending.rcpt)
+
+
+def _awaiting(late: ReplyPending, envelope: Envelope, message: Message, reservation: Reservation,
+              runtime: Runtime, fields: dict[str, object]) -> tuple[Verdict, None, Callable[[], None] | None]:
+    """The final dot is out and the caller's budget spent: queue the message before answering.
+
+    The gate waits on for the reply (``awaiting_reply``); ``sendmail`` in-process must exit,
+    so the message is ``uncertain`` and the connection is dropped.
+    """
+    pending = late.pending
+    state = "awaiting_reply" if runtime.in_gate else "uncertain"
+    queue_id = queue.enqueue(runtime.ledger, runtime.config.queue, reservation=reservation, envelope=envelope,
+                             message=message, error=str(late), state=state,
+                             reply_wait=max(pending.deadline - time.monotonic(), 0.0))
+    verdict = _queued(queue_id, str(late), False, fields, state)
+    if not runtime.in_gate:
+        pending.abandon()
+        return verdict, None, None
+    return verdict, None, lambda: _await_reply(runtime, queue_id, pending, dict(fields))
+
+
+def _await_reply(runtime: Runtime, queue_id: str, pending: PendingReply, fields: dict[str, object]) -> None:
+    """The gate, after answering: wait for the late reply and settle the queued message with it."""
+    outcome: RelayResult | RelayError
+    try:
+        outcome = pending.finish()
+    except RelayError as exc:
+        outcome = exc
+    line: dict[str, object] = {"event": "reply-after-dot", "queue": queue_id, "msgid": fields.get("msgid"),
+                               "account": fields.get("account")}
+    if isinstance(outcome, RelayError):
+        line.update(verdict="uncertain" if outcome.uncertain else "deferred" if outcome.temporary else "bounced",
+                    reason=str(outcome))
+    else:
+        line.update(verdict="sent", upstream=f"{outcome.code} {outcome.text}")
+    try:
+        runner = queue.Runner(runtime.ledger, runtime.upstream, runtime.config.queue, hostname=runtime.hostname)
+        line["state"] = runner.finish_reply(queue_id, outcome) or "gone"
+    except LedgerError as exc:  # the lease runs out and a runner takes the message as uncertain
+        line.update(state="awaiting_reply", alert=f"the reply could not be recorded ({exc})")
+    maillog.write(runtime.config.log, line, "info" if line["verdict"] == "sent" else "warning")
 
 
 @dataclass(frozen=True)
@@ -182,6 +237,7 @@ class Record:
     verdict: Verdict
     reservation: Reservation | None
     outcome: str | None  # how the reservation is settled; None: nothing to settle (or the queue did it)
+    follow_up: Callable[[], None] | None = None  # for after the answer: the gate's wait for a late reply
 
     def __call__(self) -> None:
         record_together([self])
@@ -205,11 +261,22 @@ def _trace(runtime: Runtime, caller: Caller) -> str:
     return f"by {runtime.hostname} (sendmail-shim, from {who})"
 
 
-def _queued(queue_id: str, reason: str, site_problem: bool, fields: dict[str, object]) -> Verdict:
-    fields.update(verdict="queued", code=0, queue=queue_id, reason=reason)
+_UNCONFIRMED_LINES = {
+    "awaiting_reply": "the mail gate is still waiting for its reply",
+    "uncertain": "it is retried once more, later, and never after that",
+}
+
+
+def _queued(queue_id: str, reason: str, site_problem: bool, fields: dict[str, object],
+            state: str = "queued") -> Verdict:
+    fields.update(verdict="queued", code=0, queue=queue_id, state=state, reason=reason)
     if site_problem:
         fields["alert"] = "the upstream relay needs the admin's attention"
-    return Verdict(os.EX_OK, None, 250, f"2.0.0 queued as {queue_id}; the upstream will be retried", fields)
+    if state == "queued":
+        return Verdict(os.EX_OK, None, 250, f"2.0.0 queued as {queue_id}; the upstream will be retried", fields)
+    line = (f"queued as {queue_id}: the upstream has not yet confirmed the message ({reason}); "
+            f"{_UNCONFIRMED_LINES[state]}")
+    return Verdict(os.EX_OK, line, 250, f"2.0.0 {line}"[:400], fields)
 
 
 def _sent(result: RelayResult, fields: dict[str, object]) -> Verdict:

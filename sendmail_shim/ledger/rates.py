@@ -292,7 +292,7 @@ class Rates:
         timeout = self.settings.reservation_timeout
         rows = tx.rows(
             f"SELECT {_SEND_COLUMNS}, message_id, EXISTS (SELECT 1 FROM queue_messages q "
-            "WHERE q.send_id = sends.id AND q.state = 'queued') FROM sends "
+            "WHERE q.send_id = sends.id AND q.state <> 'done') FROM sends "
             "WHERE customer_id = :c AND state = 'reserved' AND at_us < :cut ORDER BY id",
             {"c": customer_id, "cut": now_us - round(timeout * US)})
         for row in rows:

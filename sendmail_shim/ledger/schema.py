@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from .connections import Backend, SqlAlchemyBackend, prepare_sqlite_file
 
-MIGRATIONS = ("0001_initial", "0002_queue", "0003_store", "0004_default_sender")
+MIGRATIONS = ("0001_initial", "0002_queue", "0003_store", "0004_default_sender", "0005_unconfirmed")
 _PG_ADVISORY_UPGRADE_LOCK = 7_352_001
 
 
@@ -265,9 +265,15 @@ def _migrate_0004_default_sender(connection: Any, sa: Any) -> None:
         connection.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN default_sender VARCHAR(320)"))
 
 
+def _migrate_0005_unconfirmed(connection: Any, sa: Any) -> None:
+    """How many times a queued message's final dot went unanswered (it may have been delivered)."""
+    connection.execute(sa.text("ALTER TABLE queue_messages ADD COLUMN unconfirmed INTEGER NOT NULL DEFAULT 0"))
+
+
 _MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
     "0001_initial": _migrate_0001_initial,
     "0002_queue": _migrate_0002_queue,
     "0003_store": _migrate_0003_store,
     "0004_default_sender": _migrate_0004_default_sender,
+    "0005_unconfirmed": _migrate_0005_unconfirmed,
 }

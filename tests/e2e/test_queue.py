@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import subprocess
 import time
 
@@ -54,6 +55,64 @@ def test_first_attempt_queues_temporary_and_refuses_permanent(shim: Shim, upstre
         assert result.code == 69 and reply in result.line
         assert entries == [] and sends_state(shim) == ["released"]  # a permanent refusal does not count
     assert upstream.received == []
+
+
+# A 9 KB reply line: over smtplib's 8192-octet limit, whatever code it starts with.
+OVERLONG = "550 5.7.1 " + "x" * 9000
+
+
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA-COMMAND"])
+def test_an_overlong_reply_line_is_queued_and_retried_then_sent_once(shim: Shim, upstream: SmtpUpstream, stage):
+    upstream.script.replies[stage] = OVERLONG
+    result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert (result.code, result.stderr) == (0, "")
+    (entry,) = queue.list_queue(shim.ledger)
+    assert "sent a reply line over 8192 octets (an SMTP protocol error)" in (entry.last_error or "")
+    (line,) = shim.log_lines()
+    assert "verdict=queued" in line and "protocol error" in line and "alert=" in line
+    report = run_queue(shim)  # the queue runner takes it for a temporary failure too: a retry
+    assert (report["deferred"], report["failed"], report["bounces"]) == (2, 0, 0)
+    assert [e.id for e in queue.list_queue(shim.ledger)] == [entry.id]
+    upstream.script.replies.clear()
+    assert run_queue(shim)["delivered"] == 2
+    assert run_queue(shim)["messages"] == 0
+    (got,) = upstream.received
+    assert got.rcpt_tos == ["ola@x.example", "kari@x.example"]
+    assert sends_state(shim) == ["sent"]
+
+
+def test_an_overlong_reply_to_the_final_dot_is_uncertain_and_retried_once(shim: Shim, upstream: SmtpUpstream):
+    """The upstream answered the data unreadably: it may have the message, so one retry at most."""
+    upstream.script.replies["DATA"] = OVERLONG
+    result = shim.sendmail("-t", "-i", input=MESSAGE)
+    assert result.code == 0 and "has not yet confirmed" in result.line
+    (entry,) = queue.list_queue(shim.ledger)
+    assert entry.state == "uncertain" and entry.unconfirmed == 1
+    assert "answered the end of data with a reply line over 8192 octets" in (entry.last_error or "")
+    upstream.script.replies.clear()
+    assert run_queue(shim)["delivered"] == 2
+    assert run_queue(shim)["messages"] == 0
+    (got,) = upstream.received
+    assert got.rcpt_tos == ["ola@x.example", "kari@x.example"]
+
+
+def test_an_overlong_reply_line_closes_the_connection_at_once(ca: trustme.CA, shim: Shim):
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    with RawServer(ehlo=b"250-raw.test\r\n250 STARTTLS\r\n", tls=tls,
+                   tls_replies={b"MAIL": OVERLONG.encode() + b"\r\n"}) as raw:
+        shim.configure("upstream", port=raw.port)
+        started = time.monotonic()
+        result = shim.sendmail("-t", "-i", input=MESSAGE)
+        assert time.monotonic() - started < 5  # no wait for more of the reply, nor for a timeout
+        assert result.code == 0 and len(queue.list_queue(shim.ledger)) == 1
+        deadline = time.monotonic() + 5
+        while raw.closed_by_client == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert raw.closed_by_client == 1
+    # Nothing more was said to a peer that broke the protocol: MAIL was the last command.
+    assert bytes(raw.seen_in_tls).splitlines()[-1].upper().startswith(b"MAIL FROM:")
+    assert raw.messages == []
 
 
 @pytest.mark.parametrize("greeting", [b"421 4.3.2 busy\r\n", b"554 5.3.2 not now\r\n"])

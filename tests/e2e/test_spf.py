@@ -77,3 +77,44 @@ def test_php_mail_false_until_the_record_is_fixed(spf_shim: Shim, upstream: Smtp
     time.sleep(1.2)  # the refusal was cached for the record's one-second TTL
     assert spf_shim.php(code).stdout.strip().splitlines()[-1] == "bool(true)"
     assert len(upstream.received) == 1
+
+
+# ------------------------------------------------------------------ nameservers that do not answer
+
+PHP_MAIL = 'var_dump(mail("ola@x.example", "s", "b", "From: post@kunde.example"));'
+
+
+@pytest.fixture
+def dead_dns() -> Iterator[DnsServer]:
+    """A nameserver that reads every query, over UDP and TCP, and never replies."""
+    with DnsServer(silent=True) as server:
+        yield server
+
+
+def test_php_mail_is_false_within_the_timeout_when_dns_does_not_answer(
+        spf_shim: Shim, upstream: SmtpUpstream, dead_dns: DnsServer):
+    spf_shim.configure("spf", nameservers=[dead_dns.nameserver], timeout=None)  # the default timeout
+    started = time.monotonic()
+    php = spf_shim.php(PHP_MAIL)
+    waited = time.monotonic() - started
+    assert php.stdout.strip().splitlines()[-1] == "bool(false)"
+    assert waited < 10 + 1  # [spf] timeout is 10 s by default; in fact 1 s + 2 s
+    assert "could not check SPF for kunde.example (DNS did not answer" in php.stderr
+    assert f"no reply from {dead_dns.nameserver}" in php.stderr
+    (line,) = spf_shim.log_lines()
+    assert "verdict=refused" in line and "code=69" in line and "DNS did not answer" in line
+    assert upstream.received == []
+    assert dead_dns.count() >= 1
+
+
+def test_a_dead_first_nameserver_does_not_hold_the_send(
+        spf_shim: Shim, upstream: SmtpUpstream, dns: DnsServer, dead_dns: DnsServer):
+    spf_shim.configure("spf", nameservers=[dead_dns.nameserver, dns.nameserver], timeout=None)
+    started = time.monotonic()
+    php = spf_shim.php(PHP_MAIL)
+    waited = time.monotonic() - started
+    assert php.stdout.strip().splitlines()[-1] == "bool(true)", php.stderr
+    assert waited < 4  # one second lost to the dead server, of the 10 s allowed
+    assert dead_dns.count() == 1  # the include's lookup went to the good server first
+    assert dns.count("kunde.example", "TXT") == 1 and dns.count("_spf.provider.example", "TXT") == 1
+    assert len(upstream.received) == 1

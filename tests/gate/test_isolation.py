@@ -13,7 +13,7 @@ import pytest
 
 from tests.gate.conftest import needs_users
 from tests.gate.deployment import Deployment, message, proc_status
-from tests.support.postgres import PostgresCluster, PostgresUnavailable
+from tests.support.postgres import cluster_for_gate_user
 from tests.support.upstream import SmtpUpstream, free_port
 
 pytestmark = needs_users
@@ -115,12 +115,7 @@ def test_gate_will_not_start_when_a_guarded_file_is_open_to_others(deployment: D
 @pytest.fixture(scope="module")
 def locked_postgres() -> Iterator[dict[str, Any]]:
     """A cluster that asks every local connection for a password, as a shared server's must."""
-    try:
-        cluster = PostgresCluster()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"PostgreSQL is not installed: {exc}")
-    with cluster:
-        os.chmod(cluster.base, 0o711)  # the gate's user must reach the socket directory
+    with cluster_for_gate_user() as cluster:
         gate_password, admin_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
         with cluster.connect() as connection:
             connection.execute(f"CREATE ROLE shimgate LOGIN PASSWORD '{gate_password}'")

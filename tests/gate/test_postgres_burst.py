@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +10,7 @@ import pytest
 
 from tests.gate.conftest import needs_users
 from tests.gate.deployment import Deployment, message
-from tests.support.postgres import PostgresCluster, PostgresUnavailable
+from tests.support.postgres import cluster_for_gate_user
 from tests.support.upstream import SmtpUpstream
 
 CALLERS = 100
@@ -20,12 +19,7 @@ CALLERS = 100
 @pytest.fixture
 def pg_gate(deployment: Deployment) -> Iterator[Deployment]:
     """The gate's ledger in a PostgreSQL the gate's user reaches over its socket."""
-    try:
-        cluster = PostgresCluster()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"PostgreSQL is not installed: {exc}")
-    with cluster:
-        os.chmod(cluster.base, 0o711)  # the gate's user must reach the socket directory
+    with cluster_for_gate_user() as cluster:
         deployment.configure("ledger", url=cluster.create_database("burst"))
         deployment.configure("gate", max_connections_per_uid=CALLERS)
         deployment.set_up_ledger()

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sendmail_shim import queue
 from sendmail_shim.config import LedgerConfig
 from sendmail_shim.ledger import Ledger, LimitReached, schema
 from sendmail_shim.ledger.windows import COUNTED_STATES, GRAINS
@@ -238,13 +239,16 @@ def test_db_upgrade_brings_a_0002_ledger_to_0003_in_place_with_its_usage(
 
     make_0002_ledger(ledger_url, monkeypatch)
     before = Ledger(ledger_url).schema_status()
-    assert before.pending == ("0003_store", "0004_default_sender")
+    assert before.pending == ("0003_store", "0004_default_sender", "0005_unconfirmed")
     config = write_config(tmp_path, ledger_url)
     result = CliRunner().invoke(cli, ["--config", str(config), "db", "upgrade", "--json"])
     assert result.exit_code == 0, result.output
-    assert '"applied": [\n    "0003_store",\n    "0004_default_sender"\n  ]' in result.output
+    assert ('"applied": [\n    "0003_store",\n    "0004_default_sender",\n    "0005_unconfirmed"\n  ]'
+            in result.output)
     ledger = Ledger(ledger_url)
     assert ledger.schema_status().pending == ()
+    kept = queue.show(ledger, "q1")  # the queued message is still waiting, with no unanswered dot
+    assert (kept.state, kept.unconfirmed) == ("queued", 0)
     used = {(u.metric, u.window_seconds): u.used for u in ledger.usage("account", "a@kunde.example", now=NOON)}
     # 30 sent of 2, one an hour, one reserved of 3 and one queued of 1; the released ones never count.
     assert used == {("messages", 300): 3, ("recipients", 300): 2 + 3 + 1, ("recipients", DAY): 2 * 24 + 4,

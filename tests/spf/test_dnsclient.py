@@ -87,7 +87,8 @@ def test_a_silent_server_is_a_timeout_within_the_limit(server: DnsServer) -> Non
     with pytest.raises(DnsTemporaryError) as caught:
         resolver_for(server, timeout=5.0).lookup("kunde.example", "TXT", timeout=0.4)
     assert time.monotonic() - started < 1.0
-    assert caught.value.reason == "DNS timeout"
+    assert caught.value.reason == "DNS did not answer"
+    assert caught.value.silent == (server.nameserver,)
 
 
 def test_the_next_server_answers_when_the_first_is_silent(server: DnsServer) -> None:
@@ -120,3 +121,57 @@ def test_configured_nameservers_are_parsed(server: DnsServer) -> None:
     assert resolver.timeout == 3.0
     assert resolver.lookup("kunde.example", "A").records
     assert NetworkResolver.from_config([], 3.0).nameservers == system_nameservers()
+
+
+@pytest.fixture
+def dead() -> Iterator[DnsServer]:
+    """A nameserver that reads every query, over UDP and TCP, and never replies."""
+    with DnsServer(silent=True) as running:
+        yield running
+
+
+def test_a_dead_server_is_given_up_after_two_short_tries(dead: DnsServer) -> None:
+    started = time.monotonic()
+    with pytest.raises(DnsTemporaryError) as caught:
+        resolver_for(dead, timeout=10.0).lookup("kunde.example", "TXT")
+    waited = time.monotonic() - started
+    assert 2.9 <= waited < 3.6  # 1 s, then 2 s: not the whole 10 s
+    assert caught.value.reason == "DNS did not answer"
+    assert caught.value.silent == (dead.nameserver,)
+    assert dead.count("kunde.example", "TXT", "udp") == 2
+
+
+def test_a_dead_server_is_not_waited_for_in_full_again(dead: DnsServer) -> None:
+    resolver = resolver_for(dead, timeout=10.0)
+    with pytest.raises(DnsTemporaryError):
+        resolver.lookup("kunde.example", "TXT")
+    started = time.monotonic()
+    with pytest.raises(DnsTemporaryError) as caught:
+        resolver.lookup("_spf.provider.example", "TXT")
+    assert time.monotonic() - started < 1.5  # one short try, not 1 s + 2 s again
+    assert caught.value.reason == "DNS did not answer"
+    assert dead.count("_spf.provider.example") == 1
+
+
+def test_after_a_dead_first_server_the_good_one_is_asked_first(dead: DnsServer, server: DnsServer) -> None:
+    resolver = resolver_for(dead, server, timeout=10.0)
+    started = time.monotonic()
+    assert resolver.lookup("kunde.example", "A").records
+    assert time.monotonic() - started < 1.5  # one try at the dead server, then the good one
+    started = time.monotonic()
+    for name in ("deep.sub.kunde.example", "alias.example", "kunde.example"):
+        assert resolver.lookup(name, "TXT" if name == "kunde.example" else "A").records
+    assert time.monotonic() - started < 0.5
+    assert dead.count() == 1  # asked once, then left for last
+    assert resolver.silent_servers() == [dead.address]
+
+
+def test_a_server_that_answers_again_is_no_longer_left_for_last(server: DnsServer) -> None:
+    resolver = resolver_for(server, timeout=10.0)
+    resolver.first_attempt_timeout = 0.2
+    server.drop_queries("kunde.example")
+    with pytest.raises(DnsTemporaryError):
+        resolver.lookup("kunde.example", "A")
+    assert resolver.silent_servers() == [server.address]
+    assert resolver.lookup("deep.sub.kunde.example", "A").records
+    assert resolver.silent_servers() == []

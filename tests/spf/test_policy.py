@@ -131,7 +131,7 @@ def test_a_dns_timeout_is_unavailable_within_the_budget(dns: DnsServer) -> None:
         authorise(dns, ("slow.example",), budget=0.5)
     assert time.monotonic() - started < 2.0
     assert caught.value.domain == "slow.example"
-    assert str(caught.value).startswith("could not check SPF for slow.example (DNS timeout")
+    assert str(caught.value).startswith("could not check SPF for slow.example (DNS did not answer")
     assert str(caught.value).endswith("; try again later")
 
 
@@ -251,3 +251,37 @@ def test_memory_cache_forgets_expired_entries_and_stays_bounded() -> None:
         cache.put(f"d{number}.example", "192.0.2.25", "fail", expires_at=200.0 + number)
     assert len(cache) <= 4
     assert cache.get("d9.example", "192.0.2.25", now=150.0) == "fail"
+
+
+def test_a_dead_nameserver_ends_the_whole_check_well_within_the_budget() -> None:
+    with DnsServer(silent=True) as dead:
+        started = time.monotonic()
+        with pytest.raises(SpfUnavailable) as caught:
+            authorise(dead, ("kunde.example", "v4only.example"), budget=10.0,
+                      resolver=NetworkResolver([dead.address], timeout=10.0))
+        waited = time.monotonic() - started
+        # 1 s + 2 s for the first domain's record, one short try for the second's
+        assert waited < 5.0
+        assert dead.count("v4only.example", "TXT", "udp") == 1
+    line = str(caught.value)
+    assert line.startswith("could not check SPF for kunde.example (DNS did not answer looking up TXT")
+    assert f"no reply from {dead.nameserver}" in line and line.endswith("; try again later")
+
+
+PTR_ZONE: dict[str, list[Any]] = {
+    "kunde.example": [{"TXT": "v=spf1 ptr ip4:192.0.2.25 -all"}],
+    "25.2.0.192.in-addr.arpa": [{"PTR": "h1.kunde.example"}, {"PTR": "h2.kunde.example"}],
+    "h1.kunde.example": ["TIMEOUT"],
+    "h2.kunde.example": ["TIMEOUT"],
+}
+
+
+def test_lookups_the_record_may_skip_do_not_spend_the_budget_each_in_full() -> None:
+    # RFC 7208 5.5: a ptr name whose address lookup fails is skipped and the record goes on.
+    with DnsServer(PTR_ZONE) as server:
+        started = time.monotonic()
+        authorise(server, budget=6.0, relay_ips=("192.0.2.25",),
+                  resolver=NetworkResolver([server.address], timeout=6.0))
+        assert time.monotonic() - started < 5.0  # 1 s + 2 s for the first name, one short try for the other
+        tries = sorted(server.count(name, "A") for name in ("h1.kunde.example", "h2.kunde.example"))
+        assert tries == [1, 2]

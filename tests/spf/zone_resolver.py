@@ -53,7 +53,7 @@ class ZoneResolver:
         for entry in self.zone[name]:
             if entry == "TIMEOUT":
                 if not self._records(pairs, rdtype) and not _has(pairs, "CNAME"):
-                    raise DnsTemporaryError("DNS timeout", asked, rdtype)
+                    raise DnsTemporaryError("DNS did not answer", asked, rdtype)
                 break
             (kind, value), = entry.items()
             pairs.append((kind.upper(), value))

@@ -24,7 +24,8 @@ name with no entries of the asked type gets NODATA, an unknown name NXDOMAIN
 (names above a known name exist, as in real DNS). Negative answers carry an SOA
 whose MINIMUM is ``negative_ttl``.
 
-Knobs for failure tests: ``drop_queries(name)`` (never answer), ``force_tcp(name)``
+Knobs for failure tests: ``drop_queries(name)`` (never answer), ``silent=True`` (a dead
+server: reads every query over UDP and TCP and never replies), ``force_tcp(name)``
 (always answer UDP with TC=1) and ``udp_size_limit`` (TC=1 for UDP answers
 larger than this; default: what the client advertised, or 512 bytes).
 Every query is logged: ``queries``, ``count(name, rdtype, transport)``.
@@ -87,8 +88,10 @@ class DnsServer:
     """Authoritative DNS for the given zone data on ``host``:<free port>, UDP and TCP."""
 
     def __init__(self, zone: Zone | None = None, *, host: str = "127.0.0.1", ttl: int = 300,
-                 negative_ttl: int = 300, udp_size_limit: int | None = None) -> None:
+                 negative_ttl: int = 300, udp_size_limit: int | None = None,
+                 silent: bool = False) -> None:
         self.host, self.ttl, self.negative_ttl = host, ttl, negative_ttl
+        self.silent = silent
         self.udp_size_limit = udp_size_limit
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
@@ -254,7 +257,7 @@ class DnsServer:
         rdtype = dns.rdatatype.to_text(question.rdtype)
         with self._lock:
             self._queries.append(Query(name, rdtype, transport))
-            if name in self._dropped or self._times_out(name, rdtype):
+            if self.silent or name in self._dropped or self._times_out(name, rdtype):
                 return None
             response = self._build(query, question.name, rdtype)
             forced = name in self._forced_tcp

@@ -181,6 +181,18 @@ def postgres_cluster_or_fail() -> Iterator[PostgresCluster]:
         yield cluster
 
 
+@contextlib.contextmanager
+def cluster_for_gate_user() -> Iterator[PostgresCluster]:
+    """A running cluster whose socket directory the gate's own Unix user can reach."""
+    clusters = postgres_cluster_or_fail()
+    cluster = next(clusters)
+    try:
+        os.chmod(cluster.base, 0o711)
+        yield cluster
+    finally:
+        clusters.close()  # stops the cluster
+
+
 def _fixture() -> Any:
     import pytest
 

@@ -6,6 +6,7 @@ the DATA bytes) and can be scripted to refuse at any stage.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -61,6 +62,9 @@ class Script:
     drop_ehlo: tuple[str, ...] = ()
     drop_after_data: bool = False  # store the message, then cut the connection before the reply
     on_data: Callable[[], None] | None = None  # called once the message is stored, before the reply
+    # Seconds to wait before answering, by stage: 'MAIL', 'RCPT', and 'DATA' (after the final dot;
+    # the message is stored first). The server serves other connections meanwhile.
+    delays: dict[str, float] = field(default_factory=dict)
 
 
 class _Handler:
@@ -77,6 +81,7 @@ class _Handler:
 
     async def handle_MAIL(self, server: SMTP, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
+        await self.upstream.delay("MAIL")
         reply = self.upstream.script.replies.get("MAIL")
         if reply:
             return reply
@@ -86,6 +91,7 @@ class _Handler:
 
     async def handle_RCPT(self, server: SMTP, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
+        await self.upstream.delay("RCPT")
         replies = self.upstream.script.replies
         reply = replies.get(f"RCPT:{address}") or replies.get("RCPT")
         if reply:
@@ -97,6 +103,7 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
         reply = self.upstream.script.replies.get("DATA")
         if reply:
+            await self.upstream.delay("DATA")
             return reply
         self.upstream.received.append(Received(
             mail_from=envelope.mail_from,
@@ -109,6 +116,7 @@ class _Handler:
         ))
         if self.upstream.script.on_data is not None:
             self.upstream.script.on_data()
+        await self.upstream.delay("DATA")
         if self.upstream.script.drop_after_data:
             server.transport.abort()  # the reply to the final dot is lost
         return "250 2.0.0 queued as TEST"
@@ -188,6 +196,11 @@ class SmtpUpstream:
     def __exit__(self, *exc: object) -> None:
         self.controller.stop()
 
+    async def delay(self, stage: str) -> None:
+        seconds = self.script.delays.get(stage, 0.0)
+        if seconds:
+            await asyncio.sleep(seconds)
+
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         deadline = time.monotonic() + timeout
         while len(self.received) < count and time.monotonic() < deadline:
@@ -201,15 +214,20 @@ class RawServer:
     Without ``tls`` it proves that nothing but EHLO/STARTTLS crosses the wire
     before TLS. With ``tls`` it answers STARTTLS with 220 followed, in the same
     segment, by ``inject`` (the STARTTLS response-injection attack), then
-    speaks SMTP inside TLS and records what it hears there in ``seen_in_tls``.
+    speaks SMTP inside TLS and records what it hears there in ``seen_in_tls``;
+    ``tls_replies`` answers chosen commands there (by verb, such as ``b"MAIL"``)
+    with given bytes. ``closed_by_client`` counts TLS sessions the client ended.
     """
 
     def __init__(self, *, greeting: bytes = b"220 raw.test ESMTP\r\n",
                  ehlo: bytes = b"250-raw.test\r\n250 8BITMIME\r\n",
                  starttls: bytes = b"454 4.7.0 TLS not available\r\n",
-                 tls: ssl.SSLContext | None = None, inject: bytes = b"") -> None:
+                 tls: ssl.SSLContext | None = None, inject: bytes = b"",
+                 tls_replies: dict[bytes, bytes] | None = None) -> None:
         self.greeting, self.ehlo, self.starttls = greeting, ehlo, starttls
         self.tls, self.inject = tls, inject
+        self.tls_replies = tls_replies or {}
+        self.closed_by_client = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(5)
@@ -261,25 +279,29 @@ class RawServer:
 
     def _talk_in_tls(self, conn: ssl.SSLSocket) -> None:
         reader = conn.makefile("rb")
-        for line in reader:
-            self.seen_in_tls += line
-            verb = line.split(b" ", 1)[0].strip().upper()
-            if verb in (b"EHLO", b"HELO"):
-                conn.sendall(b"250-raw.test\r\n250 8BITMIME\r\n")
-            elif verb == b"DATA":
-                conn.sendall(b"354 go on\r\n")
-                data = bytearray()
-                for data_line in reader:
-                    if data_line == b".\r\n":
-                        break
-                    data += data_line
-                self.messages.append(bytes(data))
-                conn.sendall(b"250 2.0.0 stored\r\n")
-            elif verb == b"QUIT":
-                conn.sendall(b"221 bye\r\n")
-                return
-            else:
-                conn.sendall(b"250 ok\r\n")
+        with contextlib.suppress(ssl.SSLEOFError):  # a close without TLS close_notify is still an end
+            for line in reader:
+                self.seen_in_tls += line
+                verb = line.split(b" ", 1)[0].strip().upper()
+                if verb in self.tls_replies:
+                    conn.sendall(self.tls_replies[verb])
+                elif verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250-raw.test\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    data = bytearray()
+                    for data_line in reader:
+                        if data_line == b".\r\n":
+                            break
+                        data += data_line
+                    self.messages.append(bytes(data))
+                    conn.sendall(b"250 2.0.0 stored\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+        self.closed_by_client += 1  # the stream ended without QUIT: the client closed it
 
 
 def write_ca(ca: trustme.CA, directory: Path) -> Path:

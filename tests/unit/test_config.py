@@ -29,6 +29,18 @@ def test_defaults_are_the_published_limits():
     assert (config.log.repeat_limit, config.log.repeat_window) == (10, 60)
 
 
+def test_stage_timeouts_default_to_rfc_5321_and_the_sync_budget_to_timeout():
+    upstream = from_mapping(BASE).upstream
+    waits = (upstream.greeting_timeout, upstream.mail_timeout, upstream.rcpt_timeout, upstream.data_timeout,
+             upstream.block_timeout, upstream.dot_timeout)
+    assert waits == (300, 300, 300, 120, 180, 600)  # RFC 5321 section 4.5.3.2, in seconds
+    assert (upstream.timeout, upstream.sync_budget) == (30, 30)
+    tuned = from_mapping({**BASE, "upstream": {"host": "x", "timeout": 10, "sync_timeout": 3, "dot_timeout": 60}})
+    assert (tuned.upstream.sync_budget, tuned.upstream.dot_timeout, tuned.upstream.timeout) == (3, 60, 10)
+    with pytest.raises(ConfigError, match="upstream.dot_timeout: must be between 0.1 and 3600, not 0"):
+        from_mapping({**BASE, "upstream": {"host": "x", "dot_timeout": 0}})
+
+
 @pytest.mark.parametrize(("data", "key", "needle"), [
     ({"spf": {"relay_ips": ["192.0.2.25"]}}, "upstream.host", "required"),
     ({"upstream": {"host": "x", "hots": "y"}, "spf": {"enabled": False}}, "upstream.hots", "unknown key"),
