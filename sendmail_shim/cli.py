@@ -989,7 +989,8 @@ def serve(state: State, user: str | None, as_json: bool) -> None:
     It starts only when sites cannot reach the relay without it: the relay requires AUTH
     (credentials only the gate's user can read), or [gate] egress = "restricted" and the
     firewall lets only the gate's user reach the relay, or [gate] trust = "single-tenant".
-    It refuses to run as root: started as root, it needs --user.
+    It refuses to run as root: started as root, it needs --user. It will not start when its
+    user cannot append to [log] file.
     """
     from .gate import serve as run_gate
 

@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TextIO
 
 from .config import Config, ConfigError, LogConfig
 
@@ -73,10 +74,31 @@ def _emit(config: LogConfig, fields: Mapping[str, object], priority: str) -> Non
     if config.file:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
-            with open(config.file, "a", encoding="utf-8") as handle:
+            with _open_for_append(config.file) as handle:
                 handle.write(f"{stamp} {priority} {line}\n")
         except OSError as exc:  # the log must never turn a decision into a failure: say so elsewhere
-            _file_failures.failed(config.file, exc)
+            _file_failures.failed(config.file, exc, in_syslog=config.syslog)
+
+
+def _open_for_append(path: str) -> TextIO:
+    """``path`` opened to append, created (mode 0640) if missing."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        fd = os.open(path, flags | os.O_CREAT, 0o640)
+        _give_to_directory_owner(fd, path)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def _give_to_directory_owner(fd: int, path: str) -> None:
+    """A file root just created belongs to its directory's owner: the gate's user must go on
+    writing it after root (``queue run`` by hand) wrote the first line after a rotation."""
+    if os.geteuid() != 0 or os.fstat(fd).st_uid != 0:
+        return
+    directory = os.stat(os.path.dirname(os.path.abspath(path)))
+    if directory.st_uid != 0:
+        os.fchown(fd, directory.st_uid, directory.st_gid)
 
 
 def _syslog(line: str, priority: int) -> None:
@@ -191,7 +213,11 @@ class FileFailures:
         self._since = 0  # failed writes not yet reported
         self._lock = threading.Lock()
 
-    def failed(self, path: str, exc: OSError) -> None:
+    def failed(self, path: str, exc: OSError, *, in_syslog: bool) -> None:
+        """Count one failed write; report it unless one was reported in the last minute.
+
+        ``in_syslog``: whether the decisions go to syslog too, which the report says.
+        """
         with self._lock:
             self._since += 1
             now = self.clock()
@@ -200,7 +226,7 @@ class FileFailures:
             self._last, count, self._since = now, self._since, 0
         line = format_fields({"event": "log-file-failed", "file": path, "failed_writes": count,
                               "reason": f"cannot write {path} ({exc.strerror or exc}); the decisions are in "
-                                        f"the ledger (sendmail-shim log) and in syslog"})
+                                        f"the ledger (sendmail-shim log){' and in syslog' if in_syslog else ''}"})
         self.report(line, PRIORITIES["err"])
 
 
@@ -287,7 +313,7 @@ def _may(info: os.stat_result, uid: int, gids: Sequence[int], owner_bit: int) ->
 def open_problem(path: str) -> str | None:
     """Why this process cannot append to ``path`` (None: it can; the file is created if missing)."""
     try:
-        with open(path, "a", encoding="utf-8"):
+        with _open_for_append(path):
             return None
     except OSError as exc:
         return str(exc.strerror or exc)

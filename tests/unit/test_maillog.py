@@ -129,14 +129,14 @@ def test_a_failing_log_file_is_reported_at_once_then_at_most_once_a_minute() -> 
     failures = maillog.FileFailures(clock, lambda line, priority: reports.append((line, priority)))
     error = PermissionError(13, "Permission denied")
     for _ in range(30):  # half a minute of failed writes
-        failures.failed("/var/log/sendmail-shim/decisions.log", error)
+        failures.failed("/var/log/sendmail-shim/decisions.log", error, in_syslog=True)
         clock.now += 1
     assert reports == [(
         'event=log-file-failed file=/var/log/sendmail-shim/decisions.log failed_writes=1 '
         'reason="cannot write /var/log/sendmail-shim/decisions.log (Permission denied); the decisions '
         'are in the ledger (sendmail-shim log) and in syslog"', 3)]
     for _ in range(31):  # to the 60th second
-        failures.failed("/var/log/sendmail-shim/decisions.log", error)
+        failures.failed("/var/log/sendmail-shim/decisions.log", error, in_syslog=True)
         clock.now += 1
     assert len(reports) == 2 and "failed_writes=60 " in reports[1][0]  # with every failure since the first
 
@@ -149,6 +149,18 @@ def test_writing_to_a_log_file_that_cannot_be_written_is_not_an_error(tmp_path: 
     for _ in range(3):
         maillog.write(config, {"uid": 1001, "verdict": "sent", "code": 0})
     assert len(reports) == 1 and "No such file or directory" in reports[0]
+    assert reports[0].endswith('the decisions are in the ledger (sendmail-shim log)"')  # and not in syslog
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's files are given away")
+def test_a_log_file_root_creates_belongs_to_the_owner_of_its_directory(public_dir: Path) -> None:
+    gate_uid, gate_gid = 54321, 54322  # the gate's user, who owns the log directory
+    os.chown(public_dir, gate_uid, gate_gid)
+    path = public_dir / "decisions.log"
+    maillog.write(LogConfig(syslog=False, file=str(path)), {"uid": 0, "verdict": "sent", "code": 0})
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, oct(info.st_mode & 0o777)) == (gate_uid, gate_gid, "0o640")
+    assert "verdict=sent" in path.read_text()
 
 
 # ------------------------------------------------------------------ may a user write it
