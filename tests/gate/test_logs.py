@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -234,3 +235,39 @@ def test_a_log_file_that_fails_after_the_start_is_reported_to_syslog_at_most_onc
     assert len([line for line in deployment.log_lines() if "verdict=sent" in line]) == 1
     print(f"{sent} messages over {second_at - broken:.0f} s with the log file failing: 2 syslog reports, "
           f"{second_at - first_at:.1f} s apart, the second counting {failed_since} failed writes")
+
+
+# ------------------------------------------------------------------ the packaged rotation
+
+LOGROTATE_RULE = Path(__file__).resolve().parents[2] / "packaging/debian/sendmail-shim.logrotate"
+
+
+def _logrotate() -> str:
+    found = shutil.which("logrotate") or str(LOGROTATE_RULE.parents[2] / "build/tools/usr/sbin/logrotate")
+    assert Path(found).exists(), "logrotate is required: run make setup"
+    return found
+
+
+def test_the_packaged_logrotate_rule_rotates_the_gates_log_while_it_runs(deployment: Deployment,
+                                                                        relay: SmtpUpstream) -> None:
+    gate_user = deployment.users.gate
+    rule = LOGROTATE_RULE.read_text().replace("/var/log/sendmail-shim/", f"{deployment.logs}/")
+    rule = rule.replace("su sendmail-shim sendmail-shim", f"su {gate_user.name} {gate_user.name}")
+    rule = rule.replace("create 0640 sendmail-shim sendmail-shim", f"create 0640 {gate_user.name} {gate_user.name}")
+    assert str(deployment.logs) in rule and "sendmail-shim sendmail-shim" not in rule
+    config = deployment.base / "logrotate.conf"
+    config.write_text(rule)
+    deployment.start_gate()
+    a = deployment.users.a
+    assert deployment.sendmail("-t", "-i", input=message(subject="week 1"), user=a).code == 0
+    deployment.wait_for_log("verdict=sent")
+    rotated = subprocess.run([_logrotate(), "--force", "--state", str(deployment.base / "logrotate.state"),
+                              str(config)], capture_output=True, text=True, timeout=60)
+    assert rotated.returncode == 0 and not rotated.stderr, rotated.stderr
+    fresh = deployment.log_path.stat()
+    assert (fresh.st_uid, fresh.st_mode & 0o777, fresh.st_size) == (gate_user.uid, 0o640, 0)
+    assert deployment.sendmail("-t", "-i", input=message(subject="week 2"), user=a).code == 0
+    deployment.wait_for_log("verdict=sent")  # the running gate writes the new file
+    assert deployment.stop_gate() == 0
+    old = (deployment.logs / "decisions.log.1").read_text()
+    assert old.count("verdict=sent") == 1 and deployment.log_lines()[0].count("verdict=sent") == 1

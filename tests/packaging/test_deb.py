@@ -139,6 +139,17 @@ def test_the_config_is_a_conffile_that_an_upgrade_keeps(built: Built) -> None:
     assert "/etc/sendmail-shim/config.toml" in conffiles.split()
 
 
+def test_the_log_is_rotated_by_the_rule_the_package_ships_as_a_conffile(built: Built) -> None:
+    listing = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(built.deb)], capture_output=True, check=True)
+    conffiles = subprocess.run(["tar", "-xOf", "-", "./conffiles"], input=listing.stdout, capture_output=True,
+                               check=True).stdout.decode()
+    assert "/etc/logrotate.d/sendmail-shim" in conffiles.split()
+    rule = (built.root / "etc/logrotate.d/sendmail-shim").read_text()
+    # The rule tests/gate/test_logs.py rotates a running gate's log with.
+    assert rule == (REPO / "packaging/debian/sendmail-shim.logrotate").read_text()
+    assert rule.splitlines()[2] == "/var/log/sendmail-shim/*.log {"
+
+
 def test_the_egress_rule_is_shipped_as_a_conffile_and_not_loaded(built: Built) -> None:
     shipped = built.root / "etc/sendmail-shim/egress.nft"
     assert shipped.read_bytes() == (REPO / "packaging/nftables/egress.nft").read_bytes()  # as tested in a netns

@@ -58,6 +58,12 @@ def test_the_config_is_kept_on_upgrade_and_the_ledger_and_log_directories_are_pr
     assert (mode[-4:], owner, group) == ("0700", "sendmail-shim", "sendmail-shim")
     mode, owner, group = dump["/var/log/sendmail-shim"][4:7]  # [log] file of the shipped config is in it
     assert (mode[-4:], owner, group) == ("0750", "sendmail-shim", "sendmail-shim")
+    # The Debian package's rotation rule (tests/gate/test_logs.py rotates a running gate's log with it).
+    assert re.search(r"^/etc/logrotate.d/sendmail-shim \S*n", config_flags, flags=re.MULTILINE)
+    cpio = subprocess.run(["rpm2cpio", str(rpm)], capture_output=True, check=True).stdout
+    rule = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "./etc/logrotate.d/sendmail-shim"], input=cpio,
+                          capture_output=True, check=True).stdout.decode()
+    assert rule == (REPO / "packaging/debian/sendmail-shim.logrotate").read_text()
 
 
 def test_the_service_user_is_created_before_the_files(rpm: Path) -> None:
