@@ -69,6 +69,10 @@
 #define MAX_ARGS 4096
 #define MAX_ARGV_BYTES (256 * 1024)
 #define GREETING_TEXT "sendmail-shim-gate 1"
+/* gate_client.OUTCOME_UNKNOWN, word for word */
+#define OUTCOME_UNKNOWN "outcome unknown: the mail gate closed the connection after receiving the whole message " \
+    "and before answering; the message may have been sent: do not send it again before " \
+    "checking with the administrator (sendmail-shim log)"
 
 /* Connect retry while the gate's listen backlog is full. */
 #define FIRST_WAIT 0.005
@@ -875,7 +879,11 @@ static void exchange(int fd, int argc, char **argv, const char *name, const stru
     int closed = status == CLOSED; /* the gate may still have said why before it closed */
     if (status != OK && !closed)
         broken(status, target);
+    /* The whole message is out: a connection that breaks now may follow a relayed message. */
+    int whole = status == OK && !answered;
     status = read_frame(fd, closed ? now() : now() + target->timeout, "V", &kind, &len);
+    if (whole && status == CLOSED)
+        finish(EX_UNAVAILABLE, "%s", OUTCOME_UNKNOWN);
     if (status != OK)
         broken(closed && status == TIMED_OUT ? CLOSED : status, target);
     obey(len);

@@ -769,7 +769,13 @@ def config() -> None:
 @json_option
 @pass_state
 def config_check(state: State, as_json: bool) -> None:
-    """Validate the config file; check that the ledger is current and [gate] user can write [log] file."""
+    """Validate the config file; check that the ledger is current and [gate] user can write [log] file.
+
+    With [gate] socket set, it also asks the running gate (as root or the gate's user)
+    whether it runs this file as it is now, and notes on stderr when it does not (the
+    file changed and was not reloaded, or a change needs a restart). That note does not
+    change the exit code, so `config check && systemctl reload sendmail-shim-gate` works.
+    """
     from .ledger import LedgerError
 
     loaded = state.config
@@ -785,12 +791,17 @@ def config_check(state: State, as_json: bool) -> None:
         problems.append(str(exc))
         code = code or exit_code_for(exc)
     summary = _config_summary(loaded)
+    gate = _running_gate(loaded)
     text = [f"{loaded.path}: {'ok' if not problems else 'problems found'}",
-            *[f"  {key}: {value}" for key, value in summary.items()]]
+            *[f"  {key}: {value}" for key, value in summary.items()],
+            *([f"  running gate: {gate['found']}"] if gate else [])]
     show(as_json, {"ok": not problems, "config": loaded.path, "summary": summary,
-                   "problems": problems}, text)
+                   "problems": problems, "gate": gate}, text)
     for problem in problems:
         click.echo(f"{PROG}: {problem}", err=True)
+    if gate and gate["differs"]:
+        # A note, not a failure: `config check && systemctl reload sendmail-shim-gate` must keep working.
+        click.echo(f"{PROG}: note: {gate['found']}; {gate['fix']}", err=True)
     if code:
         raise SystemExit(code)
 
@@ -807,6 +818,25 @@ def _config_summary(loaded: Config) -> dict[str, Any]:
         "customer_limits": [str(r) for r in loaded.limits.customer],
         "gate": loaded.gate.socket or "off (in-process)",
     }
+
+
+def _running_gate(loaded: Config) -> dict[str, Any] | None:
+    """Whether the gate on ``[gate] socket`` runs this file as it is now (None: no gate configured)."""
+    from . import gate_client
+
+    if not loaded.gate.socket:
+        return None
+    target = gate_client.GateTarget(loaded.gate.socket, 5.0, gate_user=loaded.gate.user)
+    try:
+        status = gate_client.ask(target, "status")
+    except gate_client.GateClientError as exc:
+        return {"running": False, "differs": False, "found": f"not asked ({str(exc).removeprefix('not sent: ')})",
+                "fix": None}
+    drift = gate_client.config_drift(status)
+    if drift is None:
+        return {"running": True, "differs": False, "found": f"runs this file as it is now (pid {status.get('pid')})",
+                "fix": None}
+    return {"running": True, "differs": True, "found": drift[0], "fix": drift[1]}
 
 
 def _file_problems(loaded: Config) -> list[str]:
@@ -985,12 +1015,22 @@ def queue_run(state: State, ignore_backoff: bool, as_json: bool) -> None:
 def serve(state: State, user: str | None, as_json: bool) -> None:
     """Run the gate: the local service that sendmail hands each message to (see docs/gate.md).
 
-    It listens on [gate] socket, or on the socket systemd passes, and runs until SIGTERM.
-    It starts only when sites cannot reach the relay without it: the relay requires AUTH
-    (credentials only the gate's user can read), or [gate] egress = "restricted" and the
-    firewall lets only the gate's user reach the relay, or [gate] trust = "single-tenant".
-    It refuses to run as root: started as root, it needs --user. It will not start when its
-    user cannot append to [log] file.
+    It listens on [gate] socket, or on the socket systemd passes, and runs until SIGTERM,
+    which lets the messages in progress finish first. It starts only when sites cannot
+    reach the relay without it: the relay requires AUTH (credentials only the gate's user
+    can read), or [gate] egress = "restricted" and the firewall lets only the gate's user
+    reach the relay, or [gate] trust = "single-tenant". It refuses to run as root: started
+    as root, it needs --user. It will not start when its user cannot append to [log] file.
+
+    SIGHUP (systemctl reload) reads the config file again: messages in progress finish with
+    the config they started with, new ones get the new one. A file that does not load, or a
+    new upstream that fails the trust checks of the start, is logged and the running config
+    kept. [gate] socket, user, backlog, egress, trust and all of [ledger] need a restart;
+    a reload logs them as such and keeps their running values.
+
+    At start the gate logs each message a previous run was relaying when it died as
+    event=gate-outcome-unknown (Message-ID, uid, account), once; each counts until
+    [ledger] reservation_timeout.
     """
     from .gate import serve as run_gate
 

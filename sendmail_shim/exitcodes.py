@@ -68,6 +68,7 @@ EXIT_CODES: tuple[tuple[str, int], ...] = (
     # the gate, its protocol and its client
     (_P + "gate.GateError", EX_CONFIG),
     (_P + "gate.SocketInUse", EX_UNAVAILABLE),
+    (_P + "gate.ReloadRefused", EX_CONFIG),  # logged by the running gate, which keeps its config
     (_P + "gate_protocol.ProtocolError", EX_UNAVAILABLE),
     (_P + "gate_protocol.BadFrame", EX_PROTOCOL),
     (_P + "gate_client.GateClientError", EX_UNAVAILABLE),

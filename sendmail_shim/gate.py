@@ -20,7 +20,12 @@ Before serving, the gate verifies that sites cannot reach the relay past it
 directory, or any parent, others could replace.
 
 SIGTERM or SIGINT stop accepting, let the requests in progress finish (for at
-most ``SHUTDOWN_GRACE`` seconds) and exit 0. Under systemd the listening
+most ``SHUTDOWN_GRACE`` seconds) and exit 0. SIGHUP reloads the config file
+(``Reloader``): requests in progress finish with the config they started with.
+
+Each reservation the gate commits names the gate (``holder``) before the
+message goes to the upstream; a gate killed before settling one finds it at
+its next start and logs its outcome as unknown (``report_unsettled``). Under systemd the listening
 socket may be handed over (``LISTEN_FDS``, see packaging/systemd), so
 connections made during a restart wait in the socket instead of failing.
 """
@@ -28,6 +33,7 @@ connections made during a restart wait in the socket instead of failing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import re
@@ -44,7 +50,7 @@ from typing import BinaryIO, cast
 
 from . import __version__, exitcodes, maillog, trust
 from . import gate_protocol as protocol
-from .config import Config, ConfigError, GateConfig, check_private_file
+from .config import Config, ConfigError, GateConfig, check_private_file, load
 from .invocation import UsageError, parse_argv
 from .message import MessageError, read_input
 from .pipeline import Caller, Record, Runtime, Verdict, decide, record_together, refuse
@@ -112,33 +118,37 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
     check_private_files(config)
     maillog.require_writable(config, identity.name)  # a log file it cannot write stops the start
     runtime = Runtime(config, in_gate=True)
+    runtime.holder = gate_holder(config, runtime.hostname)
     guard = TrustGuard(config, identity, runtime, egress, prober)
     runtime.upstream = guard.upstream
     warm_up(runtime)
     guard.start()  # verified: the upstream keeps a secured connection ready from here on
     listener = open_listener(config.gate, inherited)
+    report_unsettled(runtime)  # before the first caller: every reservation of ours now is a dead run's
     recorder = Recorder(config)
     gate = Gate(listener, runtime, guard, recorder)
+    reloader = Reloader(gate, identity)
     housekeeping = runtime.ledger.housekeeping(lambda event, fields: _log(
-        config, "warning" if fields.get("failed") else "info", event=event, **fields))
+        gate.config, "warning" if fields.get("failed") else "info", event=event, **fields))
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: gate.stop())
-    _log(config, "info", event="gate-start", socket=listener.where, pid=os.getpid(),
-         uid=os.geteuid(), activated=listener.inherited, backlog=listener.backlog, trust=guard.state)
+        signal.signal(signal.SIGHUP, lambda *_: reloader.request())
+    _log(config, "info", event="gate-start", **start_fields(config, runtime, listener, guard))
     (ready or _notify_systemd_ready)()
     housekeeping.start()  # timed-out reservations every minute, pruning every hour
     try:
         gate.run()
     finally:
+        reloader.close()
         housekeeping.stop()
-        guard.close()
+        gate.guard.close()
         listener.close()
         recorder.close()  # what was answered is recorded before the gate goes
-        runtime.upstream.close()
-        runtime.ledger.close()
-        maillog.flush(config.log, everything=True)  # what was suppressed is counted before the gate goes
-        _log(config, "info", event="gate-stop", socket=listener.where, pid=os.getpid())
+        gate.runtime.upstream.close()
+        runtime.ledger.close()  # every reloaded runtime shares this one's connections
+        maillog.flush(gate.config.log, everything=True)  # what was suppressed is counted before the gate goes
+        _log(gate.config, "info", event="gate-stop", socket=listener.where, pid=os.getpid())
     return gate.exit_code
 
 
@@ -213,6 +223,51 @@ def _egress_as_root(config: Config, identity: trust.Identity) -> tuple[trust.Pro
     probe = trust.egress_probe(config.upstream, identity, may_switch_uid=True)
     prober = Prober.start(config, identity) if probe.outcome == trust.UNKNOWN else None
     return probe, prober
+
+
+def gate_holder(config: Config, hostname: str) -> str:
+    """The name this gate puts on its reservations: one gate per host and socket, across restarts."""
+    return f"gate {hostname} {config.gate.socket or '(systemd socket)'}"[:300]
+
+
+def report_unsettled(runtime: Runtime) -> None:
+    """Log, as outcome unknown, each reservation a previous run of this gate left unsettled.
+
+    That run died between committing the reservation and settling it: the
+    upstream may or may not have the message, so it counts on (until the
+    reservation times out), and the admin gets its Message-ID, Unix user and
+    account to check with the relay.
+    """
+    from .ledger import LedgerError
+
+    assert runtime.holder is not None
+    try:
+        unsettled = runtime.ledger.claim_unsettled(runtime.holder)
+    except LedgerError as exc:
+        _log(runtime.config, "warning", event="gate-unsettled-unchecked", reason=str(exc))
+        return
+    for send in unsettled:
+        _log(runtime.config, "warning", event="gate-outcome-unknown", send=send.id, msgid=send.message_id,
+             uid=send.uid, account=send.account, customer=send.customer_id, rcpts=send.recipients,
+             reserved_at=protocol.iso_utc(send.at),
+             reason="the mail gate stopped while relaying this message; the upstream may have it, so it "
+                    "counts against the limits until [ledger] reservation_timeout; check the relay's log for "
+                    "its Message-ID before sending it again")
+
+
+def start_fields(config: Config, runtime: Runtime, listener: Listener, guard: TrustGuard) -> dict[str, object]:
+    """The start line: enough to tell from the log alone which gate runs, and how."""
+    return {"version": __version__, "socket": listener.where, "pid": os.getpid(), "uid": os.geteuid(),
+            "activated": listener.inherited, "backlog": listener.backlog,
+            "upstream": f"{config.upstream.host}:{config.upstream.port}", "ledger": runtime.ledger.where,
+            "rules": rule_summary(config), "trust": guard.state, "trust_mode": guard.mode or "not yet verified",
+            "config_sha256": config.sha256}
+
+
+def rule_summary(config: Config) -> str:
+    account = ", ".join(str(rule) for rule in config.limits.account)
+    customer = ", ".join(str(rule) for rule in config.limits.customer)
+    return f"account: {account}; customer: {customer}"
 
 
 def warm_up(runtime: Runtime) -> None:
@@ -326,6 +381,10 @@ class TrustGuard:
             self.prober = None
         self.upstream.keep_ready()  # from now on a message need not wait for TCP, TLS and AUTH
 
+    def adopt(self, assessment: trust.Assessment) -> None:
+        """A reload verified this guard's upstream before using it."""
+        self._verified(assessment)
+
     def close(self) -> None:
         self._stopping.set()
         if self.prober is not None:
@@ -379,16 +438,170 @@ def _answer_probes(sock: socket.socket, config: Config, identity: trust.Identity
         sock.sendall(json.dumps({"outcome": probe.outcome, "found": probe.found}).encode() + b"\n")
 
 
-def gate_status(config: Config, listener: Listener, guard: TrustGuard) -> Callable[[], dict[str, object]]:
-    """The answer to the ``status`` question: non-secret facts only (see gate_protocol)."""
+# ------------------------------------------------------------------ reloading the config
+
+# What a running gate cannot change: its socket and user are fixed at start (and root is gone),
+# the egress probe needs root, the trust mode was verified once, and the ledger's connections
+# and timeouts are shared by everything in flight.
+RESTART_ONLY_GATE_KEYS = ("socket", "user", "backlog", "egress", "trust")  # and all of [ledger]
+_SECTIONS = ("upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log")
+
+
+class ReloadRefused(Exception):
+    """The reloaded config cannot be used; the running one is kept. ``str(exc)`` says why."""
+
+
+class Reloader:
+    """SIGHUP: read the config file again and give new connections the result.
+
+    The signal handler only wakes this thread: loading the file and verifying
+    a new upstream take time and may fail. Connections already admitted keep
+    the runtime they started with (``Gate.switch``); the old upstream is
+    closed once the last of them is done. A file that does not load, or an
+    upstream that fails the trust checks ``serve`` ran at start, leaves the
+    running config in place, and the log says why.
+    """
+
+    def __init__(self, gate: Gate, identity: trust.Identity) -> None:
+        self.gate, self.identity = gate, identity
+        self._wanted, self._closing = threading.Event(), False
+        self._thread = threading.Thread(target=self._run, name="gate-reload", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """From the signal handler: nothing here may block or take a lock the main thread holds."""
+        self._wanted.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wanted.set()
+        self._thread.join(timeout=SHUTDOWN_GRACE)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closing:
+                return
+            try:
+                self.reload()
+            except Exception as exc:  # noqa: BLE001 - a bug in one reload must not end reloading
+                _log(self.gate.config, "err", event="gate-reload-failed", reason=f"{type(exc).__name__}: {exc}",
+                     action="kept the running config")
+
+    def reload(self) -> None:
+        """One reload, logged: what changed, what needs a restart, or why nothing was applied."""
+        running = self.gate.config
+        try:
+            loaded = load(running.path)
+            applied, restart_needed = applicable(running, loaded)
+            check_private_files(applied)
+            maillog.require_writable(applied, self.identity.name)  # a new [log] file it cannot write
+            runtime, guard = self._runtime_for(applied)
+        except (ConfigError, GateError, ReloadRefused, trust.TrustError, OSError) as exc:
+            _log(running, "err", event="gate-reload-failed", reason=str(exc), action="kept the running config")
+            return
+        old_guard = self.gate.guard
+        old = self.gate.switch(runtime, guard, restart_needed)
+        if self.gate.recorder is not None:  # its own lines and the summaries follow the new [log]
+            self.gate.recorder.config = applied
+        _log(applied, "info", event="gate-reload", changed="; ".join(changes(running, applied)) or "nothing",
+             config_sha256=applied.sha256)
+        if restart_needed:
+            _log(applied, "warning", event="gate-reload-needs-restart", keys=", ".join(restart_needed),
+                 reason="these settings changed in the file but take effect only when the gate restarts "
+                        "(systemctl restart sendmail-shim-gate); the running gate keeps the old values")
+        if old.upstream is not runtime.upstream:
+            threading.Thread(target=self._retire, args=(old, old_guard), name="gate-retire", daemon=True).start()
+
+    def _runtime_for(self, config: Config) -> tuple[Runtime, TrustGuard]:
+        """The runtime for ``config``: the running upstream when it is unchanged, else a verified new one."""
+        current, guard = self.gate.runtime, self.gate.guard
+        ledger = current.ledger.with_limits(config.limits)
+        if config.upstream == current.config.upstream:
+            runtime = Runtime(config, in_gate=True, ledger=ledger, upstream=current.upstream)
+            runtime.holder = current.holder
+            return runtime, guard
+        runtime = Runtime(config, in_gate=True, ledger=ledger)
+        runtime.holder = current.holder
+        same_address = (config.upstream.host, config.upstream.port) == (current.config.upstream.host,
+                                                                       current.config.upstream.port)
+        fresh = TrustGuard(config, self.identity, runtime, guard.egress if same_address else None, None)
+        runtime.upstream = fresh.upstream
+        try:
+            _ = fresh.upstream.tls_context
+            fresh.upstream.password()
+            assessment = trust.assess(config, fresh.upstream, self.identity, egress=fresh.egress)
+        except Exception:
+            fresh.upstream.close()
+            raise
+        if assessment.outcome != trust.VERIFIED:
+            fresh.upstream.close()
+            raise ReloadRefused(f"the new upstream {config.upstream.host}:{config.upstream.port} is not used, "
+                                f"it did not pass the trust checks: {assessment.summary}")
+        fresh.adopt(assessment)
+        return runtime, fresh
+
+    def _retire(self, old: Runtime, old_guard: TrustGuard) -> None:
+        self.gate.wait_until_unused(old)
+        if old_guard is not self.gate.guard:
+            old_guard.close()
+        old.upstream.close()
+
+
+def applicable(running: Config, loaded: Config) -> tuple[Config, tuple[str, ...]]:
+    """``loaded`` with the running values of what needs a restart, and the keys that would have changed."""
+    kept_gate = {key: getattr(running.gate, key) for key in RESTART_ONLY_GATE_KEYS}
+    restart_needed = [f"gate.{key}" for key, value in kept_gate.items() if getattr(loaded.gate, key) != value]
+    restart_needed += [f"ledger.{name}" for name in _changed_fields(running.ledger, loaded.ledger)]
+    applied = dataclasses.replace(loaded, ledger=running.ledger, gate=dataclasses.replace(loaded.gate, **kept_gate))
+    return applied, tuple(restart_needed)
+
+
+def changes(before: Config, after: Config) -> list[str]:
+    """``section.key: old -> new`` for each setting that differs; no secret is shown."""
+    found = []
+    for section in _SECTIONS:
+        old, new = getattr(before, section), getattr(after, section)
+        for name in _changed_fields(old, new):
+            found.append(f"{section}.{name}: {_shown(section, getattr(old, name))} -> "
+                         f"{_shown(section, getattr(new, name))}")
+    return found
+
+
+def _changed_fields(old: object, new: object) -> list[str]:
+    return [f.name for f in dataclasses.fields(old)  # type: ignore[arg-type]
+            if getattr(old, f.name) != getattr(new, f.name)]
+
+
+def _shown(section: str, value: object) -> str:
+    if section == "ledger" and isinstance(value, str) and "://" in value:
+        from .ledger.connections import safe_url
+
+        return safe_url(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(str(item) for item in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def gate_status(gate: Gate) -> Callable[[], dict[str, object]]:
+    """The answer to the ``status`` question: non-secret facts only (see gate_protocol).
+
+    ``config`` is the config the gate runs now (after its last reload); ``restart_needed``
+    lists the keys of that file the running gate could not take without a restart.
+    """
     started = time.time()
 
     def status() -> dict[str, object]:
+        config, guard = gate.config, gate.guard
         return {"version": __version__, "pid": os.getpid(), "uid": os.geteuid(), "user": guard.identity.name,
                 "config": {"path": os.path.abspath(config.path), "sha256": config.sha256,
-                           "loaded_at": protocol.iso_utc(started)},
+                           "loaded_at": protocol.iso_utc(gate.loaded_at or started),
+                           "restart_needed": list(gate.restart_needed)},
                 "started_at": protocol.iso_utc(started), "trust": {"state": guard.state, "mode": guard.mode},
-                "socket": listener.where, "backlog": listener.backlog}
+                "socket": gate.listener.where, "backlog": gate.listener.backlog}
 
     return status
 
@@ -598,11 +811,13 @@ class Gate:
     def __init__(self, listener: Listener, runtime: Runtime, guard: TrustGuard,
                  recorder: Recorder | None = None) -> None:
         self.listener, self.runtime, self.guard, self.recorder = listener, runtime, guard, recorder
-        self.config = runtime.config
         self.exit_code = os.EX_OK
-        self.status = gate_status(self.config, listener, guard)
+        self.loaded_at: float | None = None  # of the last reload; None: the config of the start
+        self.restart_needed: tuple[str, ...] = ()
+        self.status = gate_status(self)
         guard.on_refuted = self._refuted
         self.per_uid: dict[int, int] = {}
+        self.serving: dict[int, int] = {}  # id(runtime) -> connections admitted with it, still open
         self._busy_logged: dict[int, tuple[float, int]] = {}  # uid -> (last line, refusals since)
         self._busy_frames: dict[tuple[int, bool], bytes] = {}
         self.lock = threading.Lock()
@@ -610,9 +825,29 @@ class Gate:
         self.stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
 
+    @property
+    def config(self) -> Config:
+        """The config new connections get (the last one reloaded)."""
+        return self.runtime.config
+
     def _refuted(self) -> None:
         self.exit_code = exitcodes.EX_CONFIG
         self.stop()
+
+    def switch(self, runtime: Runtime, guard: TrustGuard, restart_needed: tuple[str, ...]) -> Runtime:
+        """New connections get ``runtime`` from now on; returns the one they got before."""
+        guard.on_refuted = self._refuted
+        with self.lock:
+            old, self.runtime, self.guard = self.runtime, runtime, guard
+            self.loaded_at, self.restart_needed = time.time(), restart_needed
+            self._busy_frames = {}  # their line names [gate] max_connections_per_uid
+        return old
+
+    def wait_until_unused(self, runtime: Runtime) -> None:
+        """Until no connection admitted with ``runtime`` is still open."""
+        with self.lock:
+            while self.serving.get(id(runtime)):
+                self.idle.wait()
 
     def stop(self) -> None:
         """Stop accepting; ``run`` returns once the requests in progress are done."""
@@ -653,20 +888,22 @@ class Gate:
             conn.close()
             self._log_busy(uid, "closed before the greeting")
             return
-        limit = self.config.gate.max_connections_per_uid
         with self.lock:
+            runtime = self.runtime  # the connection keeps this config to its end, whatever reloads meanwhile
+            limit = runtime.config.gate.max_connections_per_uid
             mine, total = self.per_uid.get(uid, 0), sum(self.per_uid.values())
             busy = mine >= limit or total >= MAX_CONNECTIONS
             if not busy:
                 self.per_uid[uid] = mine + 1
+                self.serving[id(runtime)] = self.serving.get(id(runtime), 0) + 1
         if busy:
             self._refuse_busy(conn, uid, mine >= limit)
             return
         try:
-            threading.Thread(target=self._serve, args=(conn, pid, uid), daemon=True,
+            threading.Thread(target=self._serve, args=(conn, pid, uid, runtime), daemon=True,
                              name=f"gate-uid-{uid}").start()
         except RuntimeError:  # no more threads: this caller must try again later
-            self._release(uid)
+            self._release(uid, runtime)
             self._refuse_busy(conn, uid, False)
 
     def _refuse_busy(self, conn: socket.socket, uid: int, over_own_limit: bool) -> None:
@@ -701,11 +938,14 @@ class Gate:
         self._busy_logged[uid] = (now, 0)
         _log(self.config, "notice", event="gate-busy", uid=uid, refused_since_last=count, reason=reason)
 
-    def _release(self, uid: int) -> None:
+    def _release(self, uid: int, runtime: Runtime) -> None:
         with self.lock:
             self.per_uid[uid] -= 1
             if not self.per_uid[uid]:
                 del self.per_uid[uid]
+            self.serving[id(runtime)] -= 1
+            if not self.serving[id(runtime)]:
+                del self.serving[id(runtime)]
             self.idle.notify_all()
 
     def _wait_for_requests(self, grace: float) -> None:
@@ -714,16 +954,16 @@ class Gate:
             while self.per_uid and time.monotonic() < deadline:
                 self.idle.wait(max(0.0, deadline - time.monotonic()))
 
-    def _serve(self, conn: socket.socket, pid: int, uid: int) -> None:
+    def _serve(self, conn: socket.socket, pid: int, uid: int, runtime: Runtime) -> None:
         caller = Caller(uid=uid, user=_user_name(uid), pid=pid)  # the name lookup may be slow (NSS)
         try:
-            Connection(conn, caller, self.runtime, self.status, self.recorder).serve()
+            Connection(conn, caller, runtime, self.status, self.recorder).serve()
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the gate
-            _log(self.config, "err", event="gate-internal-error", uid=caller.uid,
+            _log(runtime.config, "err", event="gate-internal-error", uid=caller.uid,
                  reason=f"{type(exc).__name__}: {exc}")
         finally:
             conn.close()
-            self._release(uid)
+            self._release(uid, runtime)
 
 
 def _hung_up(conn: socket.socket) -> bool:

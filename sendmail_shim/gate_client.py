@@ -75,6 +75,19 @@ class GateNoVerdict(GateClientError):
     """The connection broke or timed out before the verdict arrived."""
 
 
+class GateOutcomeUnknown(GateNoVerdict):
+    """The whole message was handed over, then the connection closed before the verdict.
+
+    The gate may have relayed it (it died between the upstream's reply and its answer),
+    so "not sent" would invite a duplicate: the caller must check before sending again.
+    """
+
+
+OUTCOME_UNKNOWN = ("outcome unknown: the mail gate closed the connection after receiving the whole message "
+                   "and before answering; the message may have been sent: do not send it again before "
+                   "checking with the administrator (sendmail-shim log)")
+
+
 class GateMismatch(GateClientError):
     """The peer on the socket does not speak this version of the protocol."""
 
@@ -281,6 +294,35 @@ def submit(target: GateTarget, argv: list[str], chunks: Iterable[bytes]) -> prot
         sock.close()
 
 
+RELOAD_HINT = "systemctl reload sendmail-shim-gate (or send the gate SIGHUP)"
+RESTART_HINT = "systemctl restart sendmail-shim-gate"
+
+
+def config_drift(status: dict[str, object]) -> tuple[str, str] | None:
+    """(what differs, the fix) between the config a running gate holds (its ``status``) and its file now.
+
+    ``doctor`` and ``config check`` both ask this, so they agree on what "the gate runs an older config" means.
+    """
+    import hashlib
+
+    loaded = status.get("config") if isinstance(status.get("config"), dict) else {}
+    assert isinstance(loaded, dict)
+    path = str(loaded.get("path"))
+    try:
+        with open(path, "rb") as handle:
+            now = hashlib.sha256(handle.read()).hexdigest()
+    except OSError as exc:
+        return f"the gate's config {path} cannot be read now ({exc.strerror})", f"check {path}"
+    if now != loaded.get("sha256"):
+        return (f"{path} changed after the gate loaded it at {loaded.get('loaded_at')}: the gate runs an older "
+                f"config", RELOAD_HINT)
+    restart = loaded.get("restart_needed")
+    if isinstance(restart, list) and restart:
+        return (f"the gate runs {path} without the new {', '.join(map(str, restart))}, which only a restart "
+                f"applies", RESTART_HINT)
+    return None
+
+
 def ask(target: GateTarget, question: str) -> dict[str, object]:
     """The gate's answer to a QUERY (see gate_protocol), e.g. ``status``; only root and the gate may ask."""
     import json
@@ -409,8 +451,18 @@ def _exchange(sock: _socket.socket, target: GateTarget, argv: list[bytes],
             break  # refused mid-way (too large): stop reading stdin
     else:
         sock.sendall(pending + protocol.frame(protocol.END))
+        return _final_verdict(sock, target)
     deadline = time.monotonic() + target.timeout
     _, payload = protocol.read_frame(sock, deadline, protocol.VERDICT)
+    return protocol.WireVerdict.decode(payload)
+
+
+def _final_verdict(sock: _socket.socket, target: GateTarget) -> protocol.WireVerdict:
+    """The verdict once the whole message is out: from here a broken connection is no "not sent"."""
+    try:
+        _, payload = protocol.read_frame(sock, time.monotonic() + target.timeout, protocol.VERDICT)
+    except (ConnectionResetError, protocol.PeerClosed):
+        raise GateOutcomeUnknown(OUTCOME_UNKNOWN) from None
     return protocol.WireVerdict.decode(payload)
 
 

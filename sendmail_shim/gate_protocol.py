@@ -52,7 +52,7 @@ answer is a JSON object of non-secret facts, never a key, a password or a
 customer's data. Questions:
 
     status    {"version", "pid", "uid", "config": {"path", "sha256",
-              "loaded_at"}, "started_at", "trust", "socket", "backlog"}
+              "loaded_at", "restart_needed"}, "started_at", "trust", "socket", "backlog"}
               (times ISO 8601 UTC): which config the running gate loaded,
               to compare with the file on disk.
 

@@ -52,13 +52,16 @@ class Verdict:
 class Runtime:
     """Configuration plus what is worth keeping warm between messages (the gate)."""
 
-    def __init__(self, config: Config, *, in_gate: bool = False) -> None:
+    def __init__(self, config: Config, *, in_gate: bool = False, ledger: Ledger | None = None,
+                 upstream: Upstream | None = None) -> None:
+        """``ledger`` and ``upstream``: kept from the runtime a reloading gate replaces."""
         self.config = config
         self.in_gate = in_gate
-        self.upstream = Upstream(config.upstream, config.path, reuse=in_gate)
-        self.ledger = Ledger.from_config(config)
+        self.upstream = upstream or Upstream(config.upstream, config.path, reuse=in_gate)
+        self.ledger = ledger or Ledger.from_config(config)
         self.spf_cache = self.ledger.spf_cache()  # shared by every process and server on this ledger
         self.hostname = socket.gethostname()
+        self.holder: str | None = None  # the gate's name on its reservations (see Ledger.claim_unsettled)
 
     @property
     def require_binding(self) -> bool:
@@ -99,7 +102,10 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         account = _authorise(envelope, message, caller, runtime)
         fields.update(account=account.address, customer=account.customer_id)
         _check_spf(envelope, message, runtime)
-        reservation = runtime.ledger.reserve(account, len(envelope.recipients), message_id=message.message_id or "")
+        # The committed reservation, naming this gate, is the mark that the message is being relayed:
+        # if the gate dies before settling it, its next start reports the outcome as unknown.
+        reservation = runtime.ledger.reserve(account, len(envelope.recipients), message_id=message.message_id or "",
+                                             holder=runtime.holder, uid=caller.uid)
         queue.crash_point("pipeline:after-reserve")
         # From here on the message counts against the limits: it ends up sent, queued or released
         # (or, if this process dies first, expired after [ledger] reservation_timeout).
@@ -179,6 +185,7 @@ def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservati
                                  envelope=envelope, message=message, delivered=result.accepted,
                                  error="; ".join(f"{r.address}: {r.code} {r.text}" for r in result.deferred))
         return _queued(queue_id, f"{len(result.deferred)} recipient(s) deferred", False, fields), None, None
+    queue.crash_point("pipeline:after-relay")  # the upstream has it; nothing is settled or answered yet
     return _sent(result, fields), "sent", None
 
 

@@ -31,7 +31,7 @@ from .errors import (
 from .facade import Ledger
 from .inputs import SCOPES, canonical_address, canonical_domain, parse_expiry
 from .journal import DECISION_ALIASES, DECISION_FIELDS, AuditEntry, Decision
-from .rates import OUTCOMES, Override, Reservation, ResetMarker, RuleUsage, SendRecord
+from .rates import OUTCOMES, Override, Reservation, ResetMarker, RuleUsage, SendRecord, UnsettledSend
 from .retention import PruneReport
 from .schema import MIGRATIONS, SchemaStatus
 from .spf_cache import SqlSpfCache
@@ -43,6 +43,6 @@ __all__ = [
     "AccountEntry", "AuditEntry", "Conflict", "Customer", "Decision", "InvalidInput", "Ledger",
     "LedgerError", "LedgerNotInitialised", "LedgerUnavailable", "LimitNeverFits", "LimitReached",
     "Override", "PruneReport", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
-    "SqlSpfCache", "Tx", "UnknownSubject", "UnsupportedLedger", "canonical_address",
+    "SqlSpfCache", "Tx", "UnknownSubject", "UnsettledSend", "UnsupportedLedger", "canonical_address",
     "canonical_domain", "format_delay", "format_instant", "format_utc", "parse_expiry",
 ]

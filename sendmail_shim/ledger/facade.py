@@ -15,7 +15,7 @@ from ..limits import Rule
 from .connections import Tx
 from .directory import AccountEntry, Customer, Directory
 from .journal import AuditEntry, Decision, Journal, insert_decision
-from .rates import Override, Rates, Reservation, ResetMarker, RuleUsage, Sender, SendRecord
+from .rates import Override, Rates, Reservation, ResetMarker, RuleUsage, Sender, SendRecord, UnsettledSend
 from .retention import Housekeeping, PruneReport, prune, resolve_all_stale
 from .schema import SchemaStatus
 from .spf_cache import SqlSpfCache
@@ -38,6 +38,14 @@ class Ledger:
         self.directory = Directory(self.store)
         self.rates = Rates(self.store, limits, settings)
         self.journal = Journal(self.store)
+
+    def with_limits(self, limits: LimitsConfig) -> Ledger:
+        """The same database and connections under other limits (a gate's reload); close only one of them."""
+        import copy
+
+        other = copy.copy(self)
+        other.rates = Rates(self.store, limits, self.rates.settings)
+        return other
 
     @classmethod
     def from_config(cls, config: Config) -> Ledger:
@@ -144,9 +152,13 @@ class Ledger:
 
     # ----------------------------------------------------------- rates
 
-    def reserve(self, account: Sender, recipients: int, *, message_id: str,
-                now: float | None = None) -> Reservation:
-        return self.rates.reserve(account, recipients, message_id=message_id, now=now)
+    def reserve(self, account: Sender, recipients: int, *, message_id: str, now: float | None = None,
+                holder: str | None = None, uid: int | None = None) -> Reservation:
+        return self.rates.reserve(account, recipients, message_id=message_id, now=now, holder=holder, uid=uid)
+
+    def claim_unsettled(self, holder: str) -> list[UnsettledSend]:
+        """A gate's reservations left unsettled by its previous run, now marked ``unknown``."""
+        return self.rates.claim_unsettled(holder)
 
     def settle(self, reservation: Reservation | int, outcome: str) -> None:
         self.rates.settle(reservation, outcome)

@@ -12,7 +12,10 @@ A send's life: ``reserved`` (counts) → ``sent`` or ``queued`` (count) or
 reservation_timeout`` (its process was killed, its settlement failed) counts
 until then, the safe side, and is then resolved with an audit row: ``queued``
 when the queue holds its message, else ``expired`` (does not count). A late
-settlement of an expired one still records what really happened.
+settlement of an expired one still records what really happened. A gate's
+reservation names the gate (``holder``): the gate's next start reports, once,
+each one a dead run left unsettled (its outcome is unknown: the upstream may
+have the message); it counts on until the timeout like any other.
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ class Reservation:
     recipients: int
     at: float
     message_id: str
+
+
+class UnsettledSend(NamedTuple):
+    """A reservation its gate left behind: the gate died between reserving and settling."""
+
+    id: int
+    account: str
+    customer_id: str
+    recipients: int
+    at: float
+    message_id: str | None
+    uid: int | None
 
 
 class Override(NamedTuple):
@@ -192,8 +207,8 @@ class Rates:
 
     # ----------------------------------------------------------- reserving and settling
 
-    def reserve(self, account: Sender, recipients: int, *, message_id: str,
-                now: float | None = None) -> Reservation:
+    def reserve(self, account: Sender, recipients: int, *, message_id: str, now: float | None = None,
+                holder: str | None = None, uid: int | None = None) -> Reservation:
         """Check every account and customer rule and count the message, in one transaction.
 
         Raises LimitNeverFits when the message is larger than a rule allows and
@@ -212,10 +227,10 @@ class Rates:
             self.resolve_stale(tx, account.customer_id, now_us)
             self._refuse_if_over(tx, rules, recipients, now_us)
             rows = tx.rows(
-                "INSERT INTO sends (account, customer_id, message_id, recipients, at_us, state) "
-                "VALUES (:a, :c, :m, :n, :t, 'reserved') RETURNING id",
+                "INSERT INTO sends (account, customer_id, message_id, recipients, at_us, state, holder, uid) "
+                "VALUES (:a, :c, :m, :n, :t, 'reserved', :h, :u) RETURNING id",
                 {"a": account.address, "c": account.customer_id, "m": message_id,
-                 "n": recipients, "t": now_us},
+                 "n": recipients, "t": now_us, "h": holder, "u": uid},
             )
             send_id = int(rows[0][0])
             windows.add(tx, windows.CountedSend(send_id, account.address, account.customer_id, recipients, now_us))
@@ -286,6 +301,26 @@ class Rates:
         if changed and before == "expired":
             audit(tx, "reservation settled late", send.account,
                   f"send #{send.id} was {outcome} after its reservation had expired", TIMEOUT_ACTOR)
+
+    def claim_unsettled(self, holder: str) -> list[UnsettledSend]:
+        """``holder``'s unsettled reservations, each returned (and audited) once.
+
+        Called by a gate before it serves: any reservation of its own still
+        unsettled then was left by a previous run that died while relaying.
+        It stays ``reserved``: it counts until ``[ledger] reservation_timeout``
+        resolves it like any other (the upstream may have the message).
+        """
+        with self.store.write() as tx:
+            rows = tx.rows("SELECT id, account, customer_id, recipients, at_us, message_id, uid FROM sends "
+                           "WHERE holder = :h AND state = 'reserved' ORDER BY id", {"h": holder})
+            for row in rows:
+                tx.run("UPDATE sends SET holder = NULL WHERE id = :i", {"i": row[0]})  # reported: not again
+                audit(tx, "outcome unknown", str(row[1]),
+                      f"send #{row[0]} ({row[5] or 'no message id'}) was being relayed when its mail gate "
+                      f"stopped; the upstream may have it; it counts until the reservation times out",
+                      TIMEOUT_ACTOR)
+        return [UnsettledSend(int(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]) / US, r[5],
+                              None if r[6] is None else int(r[6])) for r in rows]
 
     def resolve_stale(self, tx: Tx, customer_id: str, now_us: int) -> int:
         """Resolve a customer's reservations older than the timeout (the caller holds its lock)."""

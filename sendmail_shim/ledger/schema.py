@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 from .connections import Backend, SqlAlchemyBackend, prepare_sqlite_file
 
-MIGRATIONS = ("0001_initial", "0002_queue", "0003_store", "0004_default_sender", "0005_unconfirmed")
+MIGRATIONS = ("0001_initial", "0002_queue", "0003_store", "0004_default_sender", "0005_unconfirmed",
+              "0006_send_holder")
 _PG_ADVISORY_UPGRADE_LOCK = 7_352_001
 
 
@@ -270,10 +271,22 @@ def _migrate_0005_unconfirmed(connection: Any, sa: Any) -> None:
     connection.execute(sa.text("ALTER TABLE queue_messages ADD COLUMN unconfirmed INTEGER NOT NULL DEFAULT 0"))
 
 
+def _migrate_0006_send_holder(connection: Any, sa: Any) -> None:
+    """Which gate holds a reservation while it relays, and for which Unix user.
+
+    A gate that dies between reserving and settling leaves its reservations
+    behind; at its next start it finds its own by ``holder`` and reports each
+    as outcome unknown (the upstream may have the message).
+    """
+    connection.execute(sa.text("ALTER TABLE sends ADD COLUMN holder VARCHAR(300)"))
+    connection.execute(sa.text("ALTER TABLE sends ADD COLUMN uid INTEGER"))
+
+
 _MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
     "0001_initial": _migrate_0001_initial,
     "0002_queue": _migrate_0002_queue,
     "0003_store": _migrate_0003_store,
     "0004_default_sender": _migrate_0004_default_sender,
     "0005_unconfirmed": _migrate_0005_unconfirmed,
+    "0006_send_holder": _migrate_0006_send_holder,
 }

@@ -32,7 +32,8 @@ class Script:
 
     ``mode``: "normal" reads the request up to END (or the client's close) and then
     answers; "at_once" answers right after the greeting and then drains the request;
-    "deaf" greets and never reads; "close" greets and hangs up. With ``hold`` the
+    "deaf" greets and never reads; "close" greets and hangs up; "silent" reads the
+    request up to END and hangs up without answering (a gate that died after relaying). With ``hold`` the
     connection stays open after the answer, and what else arrives is counted, until
     the test releases it (a gate that never says more).
     """
@@ -110,7 +111,7 @@ class FakeGate:
                 conn.sendall(script.greeting)
                 if script.mode == "at_once":
                     conn.sendall(script.answer)
-                if script.mode in ("normal", "at_once"):
+                if script.mode in ("normal", "at_once", "silent"):
                     _read_request(conn, record)
                 if script.mode == "normal":
                     conn.sendall(script.answer)

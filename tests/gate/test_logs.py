@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tests.gate.conftest import needs_users
 from tests.gate.deployment import Deployment, Result, User, message, run_process
+from tests.gate.test_reload import reload
 from tests.support.upstream import SmtpUpstream
 
 pytestmark = needs_users
@@ -123,6 +124,19 @@ def test_the_gate_refuses_to_start_with_a_log_file_its_user_cannot_write(deploym
         f"sendmail-shim: {deployment.config_path}: log.file: {deployment.users.gate.name} cannot write "
         f"{path}: Permission denied; choose a file in a directory that {deployment.users.gate.name} owns "
         f"(the packages make /var/log/sendmail-shim for it)\n")
+    assert not path.exists()
+
+
+def test_a_reload_to_a_log_file_the_gates_user_cannot_write_keeps_the_running_one(deployment: Deployment,
+                                                                                 relay: SmtpUpstream) -> None:
+    deployment.start_gate()
+    path = _unwritable_log(deployment)
+    gate_user = deployment.users.gate.name
+    line = reload(deployment, "event=gate-reload-failed")  # logged in the running config's file
+    assert (f'reason="{deployment.config_path}: log.file: {gate_user} cannot write {path}: Permission denied; '
+            f'choose a file in a directory that {gate_user} owns') in line, line
+    assert deployment.sendmail("-t", "-i", input=message(subject="after")).code == 0
+    assert "verdict=sent" in deployment.wait_for_log("verdict=sent")  # still in the file it ran with
     assert not path.exists()
 
 

@@ -294,6 +294,17 @@ def test_a_gate_that_hangs_up_gives_a_line_not_a_silent_death(builds: Builds, pl
     assert {name: (r.code, r.stderr) for name, r in results.items()} == dict.fromkeys(results, expected)
 
 
+def test_a_gate_that_hangs_up_after_the_whole_message_leaves_the_outcome_unknown(builds: Builds,
+                                                                                place: Path) -> None:
+    config = write_config(place)
+    with FakeGate(place, Script(mode="silent")) as gate:
+        results = run_each(builds, ["python", "native", "native-asan"], [b"-t"], MESSAGE, config)
+    expected = (69, f"sendmail: {gate_client.OUTCOME_UNKNOWN}\n".encode())
+    assert {name: (r.code, r.stderr) for name, r in results.items()} == dict.fromkeys(results, expected)
+    assert b"not sent" not in expected[1]
+    assert all(request_of(record)[1:] == (MESSAGE, True) for record in gate.connections)  # each handed over all
+
+
 def test_an_early_refusal_stops_the_upload(builds: Builds, place: Path) -> None:
     refusal = verdict(65, "not sent: the message is larger than the limit of 1000 bytes; send large files as links",
                       552, "5.3.4 too big")

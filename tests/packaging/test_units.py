@@ -67,3 +67,9 @@ def test_the_ledger_is_pruned_every_hour_by_a_timer_as_the_service_user() -> Non
     shown = subprocess.run(["systemd-analyze", "calendar", timer["Timer"]["OnCalendar"]],
                            capture_output=True, text=True, timeout=60, check=True).stdout
     assert "Normalized form: *-*-* *:00:00" in shown
+
+
+def test_reloading_the_gate_sends_it_sighup() -> None:
+    """`systemctl reload sendmail-shim-gate` is the gate's SIGHUP (tests/gate/test_reload.py shows what it does)."""
+    service = unit("sendmail-shim-gate.service")["Service"]
+    assert shlex.split(service["ExecReload"]) == ["/bin/kill", "-HUP", "$MAINPID"]
