@@ -488,7 +488,11 @@ KEY_TEXT: dict[str, str] = {
     "queue.max_age": "How long a message is retried before it bounces.",
     "queue.lease": "How long a queue runner may hold a message before another runner may take it over.",
     "log.syslog": "Whether to log to syslog (mail facility).",
-    "log.file": "A file to append the log lines to as well.",
+    "log.file": "A file to append the log lines to as well; serve and config check refuse one that the "
+                "gate's user cannot write (the packages make /var/log/sendmail-shim for it).",
+    "log.repeat_limit": "Lines with the same caller uid and reason written per window; the rest are "
+                        "counted in one summary line (0: no limit).",
+    "log.repeat_window": "The window of repeat_limit; its end writes the summary line.",
 }
 
 TYPE_WORDS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",

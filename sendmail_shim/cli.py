@@ -767,7 +767,7 @@ def config() -> None:
 @json_option
 @pass_state
 def config_check(state: State, as_json: bool) -> None:
-    """Validate the config file and check that the ledger is reachable and up to date.
+    """Validate the config file; check that the ledger is current and [gate] user can write [log] file.
 
     With [gate] socket set, it also asks the running gate (as root or the gate's user)
     whether it runs this file as it is now, and notes on stderr when it does not (the
@@ -849,7 +849,33 @@ def _file_problems(loaded: Config) -> list[str]:
             check_private_file(loaded.path, "upstream.password_file", loaded.upstream.password_file)
         except ConfigError as exc:
             problems.append(f"{exc.key}: {exc.problem}")
+    problem = _log_file_problem(loaded)
+    if problem is not None:
+        problems.append(problem)
     return problems
+
+
+def _log_file_problem(loaded: Config) -> str | None:
+    """Whether the gate's user ([gate] user, else whoever runs this) can write [log] file."""
+    import pwd
+
+    from .config import ConfigError
+    from .maillog import require_writable_by
+    from .trust import Identity
+
+    try:
+        if loaded.gate.user is not None:
+            entry = pwd.getpwnam(loaded.gate.user)
+            # The gate drops its supplementary groups: only the user's own group counts.
+            require_writable_by(loaded, entry.pw_name, entry.pw_uid, [entry.pw_gid])
+        else:
+            me = Identity.of_uid(os.geteuid()).name
+            require_writable_by(loaded, me, os.geteuid(), [os.getegid(), *os.getgroups()])
+    except KeyError:
+        return f"gate.user: {loaded.gate.user}: no Unix user of that name"
+    except ConfigError as exc:
+        return f"{exc.key}: {exc.problem}"
+    return None
 
 
 def main() -> None:
@@ -992,7 +1018,7 @@ def serve(state: State, user: str | None, as_json: bool) -> None:
     reach the relay without it: the relay requires AUTH (credentials only the gate's user
     can read), or [gate] egress = "restricted" and the firewall lets only the gate's user
     reach the relay, or [gate] trust = "single-tenant". It refuses to run as root: started
-    as root, it needs --user.
+    as root, it needs --user. It will not start when its user cannot append to [log] file.
 
     SIGHUP (systemctl reload) reads the config file again: messages in progress finish with
     the config they started with, new ones get the new one. A file that does not load, or a

@@ -133,6 +133,8 @@ class QueueConfig:
 class LogConfig:
     syslog: bool = True
     file: str | None = None
+    repeat_limit: int = 10  # similar lines per caller uid and reason in each window; 0: no limit
+    repeat_window: int = 60  # seconds; then one line says how many were suppressed
 
 
 @dataclass(frozen=True)
@@ -519,6 +521,8 @@ def _queue(s: _Section) -> QueueConfig:
 
 
 def _log(s: _Section) -> LogConfig:
-    config = LogConfig(syslog=s.boolean("syslog", True), file=s.string("file"))
+    config = LogConfig(syslog=s.boolean("syslog", True), file=s.string("file"),
+                       repeat_limit=s.integer("repeat_limit", 10, 0, 1_000_000),
+                       repeat_window=s.duration("repeat_window", 60))
     s.done()
     return config

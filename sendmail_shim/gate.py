@@ -66,6 +66,7 @@ BUSY_LOG_INTERVAL = 10.0  # one gate-busy line per uid this often, with a count:
 TRUST_RETRY_FIRST, TRUST_RETRY_LONGEST = 5.0, 60.0  # re-probing a relay that was down at start
 SOMAXCONN_FILE = "/proc/sys/net/core/somaxconn"
 SHUTDOWN_GRACE = 30.0
+LOG_FLUSH_INTERVAL = 1.0  # the recorder wakes this often when idle, to write the log's due summaries
 SEND_TIMEOUT = 10.0  # for writing a verdict to a caller that does not read it
 SD_LISTEN_FDS_START = 3
 LARGE_MESSAGE = 1024 * 1024  # a message past this many bytes waits for a share of [gate] upload_memory
@@ -128,6 +129,7 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
     if os.geteuid() == 0:
         drop_privileges(identity)
     check_private_files(config)
+    maillog.require_writable(config, identity.name)  # a log file it cannot write stops the start
     runtime = Runtime(config, in_gate=True)
     runtime.holder = gate_holder(config, runtime.hostname)
     guard = TrustGuard(config, identity, runtime, egress, prober)
@@ -158,6 +160,7 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
         recorder.close()  # what was answered is recorded before the gate goes
         gate.runtime.upstream.close()
         runtime.ledger.close()  # every reloaded runtime shares this one's connections
+        maillog.flush(gate.config.log, everything=True)  # what was suppressed is counted before the gate goes
         _log(gate.config, "info", event="gate-stop", socket=listener.where, pid=os.getpid())
     return gate.exit_code
 
@@ -507,12 +510,15 @@ class Reloader:
             loaded = load(running.path)
             applied, restart_needed = applicable(running, loaded)
             check_private_files(applied)
+            maillog.require_writable(applied, self.identity.name)  # a new [log] file it cannot write
             runtime, guard = self._runtime_for(applied)
         except (ConfigError, GateError, ReloadRefused, trust.TrustError, OSError) as exc:
             _log(running, "err", event="gate-reload-failed", reason=str(exc), action="kept the running config")
             return
         old_guard = self.gate.guard
         old = self.gate.switch(runtime, guard, restart_needed)
+        if self.gate.recorder is not None:  # its own lines and the summaries follow the new [log]
+            self.gate.recorder.config = applied
         _log(applied, "info", event="gate-reload", changed="; ".join(changes(running, applied)) or "nothing",
              config_sha256=applied.sha256)
         if restart_needed:
@@ -1036,17 +1042,23 @@ class Recorder:
         stopping = False
         while not stopping:
             batch, stopping = self._take()
-            if not batch:
-                continue
-            try:
-                record_together(batch)
-            except Exception as exc:  # noqa: BLE001 - a bug in one batch must not stop the bookkeeping
-                _log(self.config, "err", event="gate-internal-error", records=len(batch),
-                     reason=f"{type(exc).__name__}: {exc}")
+            if batch:
+                self._record(batch)
+            maillog.flush(self.config.log)  # summaries of suppressed lines whose window has ended
+
+    def _record(self, batch: list[Record]) -> None:
+        try:
+            record_together(batch)
+        except Exception as exc:  # noqa: BLE001 - a bug in one batch must not stop the bookkeeping
+            _log(self.config, "err", event="gate-internal-error", records=len(batch),
+                 reason=f"{type(exc).__name__}: {exc}")
 
     def _take(self) -> tuple[list[Record], bool]:
         """What is waiting now (waiting for the first), and whether the gate is stopping."""
-        first = self._waiting.get()
+        try:
+            first = self._waiting.get(timeout=LOG_FLUSH_INTERVAL)
+        except queue.Empty:  # quiet for a while: the summaries that are due are written all the same
+            return [], False
         if first is None:
             return [], True
         batch = [first]

@@ -371,11 +371,12 @@ class Deployment:
         return self.listening
 
     def start_gate(self, *, activated: bool = True, wait: bool = True, as_root: bool = False,
-                   env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                   env: dict[str, str] | None = None, wrap: list[str] | None = None) -> subprocess.Popen[bytes]:
         """Start the gate as its user; with ``activated`` it gets the socket as systemd hands it over.
 
         ``as_root``: started as root with ``--user``, as the packaged unit starts it (the checks
-        that need root first, then it becomes the gate's user).
+        that need root first, then it becomes the gate's user). ``wrap``: a command that
+        execs the gate's command line, given as its last arguments.
         """
         notify_name = f"shimtest-notify-{secrets.token_hex(6)}"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -393,6 +394,7 @@ class Deployment:
                        f"import os; os.dup2({fd}, 3); os.environ['LISTEN_FDS'] = '1'; "
                        f"os.environ['LISTEN_PID'] = str(os.getpid()); "
                        f"os.execv({self.python.executable!r}, {command!r})"]
+        command = [*(wrap or []), *command]
         self.gate_stderr = open(self.base / "gate.stderr", "wb")  # noqa: SIM115 - closed in stop_gate
         self.gate = subprocess.Popen(command, env=gate_env, cwd="/", pass_fds=pass_fds,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.gate_stderr,

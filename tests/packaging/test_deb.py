@@ -139,6 +139,17 @@ def test_the_config_is_a_conffile_that_an_upgrade_keeps(built: Built) -> None:
     assert "/etc/sendmail-shim/config.toml" in conffiles.split()
 
 
+def test_the_log_is_rotated_by_the_rule_the_package_ships_as_a_conffile(built: Built) -> None:
+    listing = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(built.deb)], capture_output=True, check=True)
+    conffiles = subprocess.run(["tar", "-xOf", "-", "./conffiles"], input=listing.stdout, capture_output=True,
+                               check=True).stdout.decode()
+    assert "/etc/logrotate.d/sendmail-shim" in conffiles.split()
+    rule = (built.root / "etc/logrotate.d/sendmail-shim").read_text()
+    # The rule tests/gate/test_logs.py rotates a running gate's log with.
+    assert rule == (REPO / "packaging/debian/sendmail-shim.logrotate").read_text()
+    assert rule.splitlines()[2] == "/var/log/sendmail-shim/*.log {"
+
+
 def test_the_egress_rule_is_shipped_as_a_conffile_and_not_loaded(built: Built) -> None:
     shipped = built.root / "etc/sendmail-shim/egress.nft"
     assert shipped.read_bytes() == (REPO / "packaging/nftables/egress.nft").read_bytes()  # as tested in a netns
@@ -173,16 +184,19 @@ def test_the_shipped_config_needs_only_the_upstream_and_the_relay_addresses(buil
     assert loaded.upstream.host == "smtp.example.net"
     assert loaded.gate.socket == "/run/sendmail-shim/gate.sock"
     assert loaded.ledger.url == config.DEFAULT_LEDGER_URL
+    assert loaded.log.file == "/var/log/sendmail-shim/decisions.log"  # in the directory the package makes
 
 
-def test_the_ledger_directory_is_made_private_by_the_maintainer_scripts(built: Built) -> None:
+def test_the_ledger_and_log_directories_are_made_private_by_the_maintainer_scripts(built: Built) -> None:
     control = built.root.parent / "control"
     subprocess.run(["dpkg-deb", "-e", str(built.deb), str(control)], check=True)
     postinst = (control / "postinst").read_text()
     assert "adduser --system --group" in postinst and "--shell /usr/sbin/nologin" in postinst
     assert "dpkg-statoverride --update --add sendmail-shim sendmail-shim 0700 /var/lib/sendmail-shim" in postinst
+    assert "dpkg-statoverride --update --add sendmail-shim sendmail-shim 0750 /var/log/sendmail-shim" in postinst
+    assert (built.root / "var/log/sendmail-shim").is_dir()
     postrm = (control / "postrm").read_text()
-    assert "deluser" in postrm and "rm -rf /etc/sendmail-shim /var/lib/sendmail-shim" in postrm
+    assert "deluser" in postrm and "rm -rf /etc/sendmail-shim /var/lib/sendmail-shim /var/log/sendmail-shim" in postrm
 
 
 def test_the_units_are_shipped_but_not_enabled(built: Built) -> None:

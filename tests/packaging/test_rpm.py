@@ -48,7 +48,7 @@ def test_it_provides_what_packages_needing_an_mta_ask_for(rpm: Path) -> None:
     assert {"MTA", "smtpdaemon", "/usr/sbin/sendmail"} <= {line.strip() for line in provides}
 
 
-def test_the_config_is_kept_on_upgrade_and_the_ledger_directory_is_private(rpm: Path) -> None:
+def test_the_config_is_kept_on_upgrade_and_the_ledger_and_log_directories_are_private(rpm: Path) -> None:
     dump = {line.split()[0]: line.split() for line in query(rpm, "--dump").splitlines()}
     assert "/etc/sendmail-shim/config.toml" in query(rpm, "--configfiles").split()
     config_flags = subprocess.run(["rpm", "-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]", str(rpm)],
@@ -56,6 +56,14 @@ def test_the_config_is_kept_on_upgrade_and_the_ledger_directory_is_private(rpm: 
     assert re.search(r"^/etc/sendmail-shim/config.toml \S*n", config_flags, flags=re.MULTILINE)
     mode, owner, group = dump["/var/lib/sendmail-shim"][4:7]
     assert (mode[-4:], owner, group) == ("0700", "sendmail-shim", "sendmail-shim")
+    mode, owner, group = dump["/var/log/sendmail-shim"][4:7]  # [log] file of the shipped config is in it
+    assert (mode[-4:], owner, group) == ("0750", "sendmail-shim", "sendmail-shim")
+    # The Debian package's rotation rule (tests/gate/test_logs.py rotates a running gate's log with it).
+    assert re.search(r"^/etc/logrotate.d/sendmail-shim \S*n", config_flags, flags=re.MULTILINE)
+    cpio = subprocess.run(["rpm2cpio", str(rpm)], capture_output=True, check=True).stdout
+    rule = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "./etc/logrotate.d/sendmail-shim"], input=cpio,
+                          capture_output=True, check=True).stdout.decode()
+    assert rule == (REPO / "packaging/debian/sendmail-shim.logrotate").read_text()
 
 
 def test_the_service_user_is_created_before_the_files(rpm: Path) -> None:

@@ -26,6 +26,7 @@ def test_defaults_are_the_published_limits():
         Rule("messages", 25, 300), Rule("recipients", 250, 300), Rule("recipients", 1000, 86400),
         Rule("recipients", 5000, 30 * 86400))
     assert config.limits.customer == (Rule("messages", 250, 3600), Rule("recipients", 1500, 3600))
+    assert (config.log.repeat_limit, config.log.repeat_window) == (10, 60)
 
 
 def test_stage_timeouts_default_to_rfc_5321_and_the_sync_budget_to_timeout():
@@ -59,6 +60,10 @@ def test_stage_timeouts_default_to_rfc_5321_and_the_sync_budget_to_timeout():
     ({"upstream": {"host": "x"}, "spf": {"enabled": False}, "queue": {"max_age": "forever"}},
      "queue.max_age", "duration"),
     ({"upstream": {"host": "x"}, "spf": {"enabled": False}, "smtp": {}}, "smtp", "unknown section"),
+    ({"upstream": {"host": "x"}, "spf": {"enabled": False}, "log": {"repeat_limit": -1}},
+     "log.repeat_limit", "between"),
+    ({"upstream": {"host": "x"}, "spf": {"enabled": False}, "log": {"repeat_window": "a while"}},
+     "log.repeat_window", "duration"),
 ])
 def test_errors_name_the_key(data, key, needle):
     with pytest.raises(ConfigError) as info:
