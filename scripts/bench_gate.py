@@ -84,7 +84,7 @@ main()
 # alone sees only the main thread, which only accepts).
 PROFILED_GATE = """\
 import atexit, cProfile, pstats, sys, threading
-from sendmail_shim import gate
+from sendmail_shim.gate import connection, recorder, service
 profiles, lock = [], threading.Lock()
 def profiled(work):
     def run(*args):
@@ -103,10 +103,10 @@ def dump(path=sys.argv.pop(1)):
         for profile in profiles[1:]:
             stats.add(profile)
         stats.dump_stats(path)
-gate.Connection.serve = profiled(gate.Connection.serve)
-gate.record_together = profiled(gate.record_together)  # the recorder's work, after the answers
+connection.Connection.serve = profiled(connection.Connection.serve)
+recorder.record_together = profiled(recorder.record_together)  # the recorder's work, after the answers
 atexit.register(dump)
-gate.main()
+service.main()
 """
 MESSAGE = (b"From: Kunde <post@a.example>\nTo: ola@x.example\nSubject: Kontaktskjema\n\n"
            + b"Hei,\n\nDette er en melding fra kontaktskjemaet.\n" * 20)
@@ -448,13 +448,13 @@ def report(medians: dict[str, float], rates: dict[str, float], rss: dict[str, in
 
 # The gate's share of a message, stage by stage: (label, module, function), in the order they run.
 PROFILE_STAGES = [
-    ("the whole connection", "gate.py", "serve"),
-    ("  read the request (argv, message)", "gate.py", "_read_argv"),
+    ("the whole connection", "connection.py", "serve"),
+    ("  read the request (argv, message)", "connection.py", "_read_argv"),
     ("  decide, up to the verdict", "pipeline.py", "decide"),
     ("    account and caller", "pipeline.py", "_authorise"),
-    ("    reservation (one commit)", "ledger.py", "reserve"),
+    ("    reservation (one commit)", "rates.py", "reserve"),
     ("    SMTP transaction on a ready connection", "relay.py", "_transaction"),
-    ("  answer the client", "gate.py", "_answer"),
+    ("  answer the client", "connection.py", "_answer"),
     ("after the answer, in the recorder: log, settle, record (one commit)", "pipeline.py", "record_together"),
 ]
 

@@ -66,10 +66,10 @@ EXIT_CODES: tuple[tuple[str, int], ...] = (
     (_P + "config.ConfigError", EX_CONFIG),
     (_P + "limits.RuleSyntaxError", EX_DATAERR),
     # the gate, its protocol and its client
-    (_P + "gate.GateError", EX_CONFIG),
-    (_P + "gate.SocketInUse", EX_UNAVAILABLE),
-    (_P + "gate.ReloadRefused", EX_CONFIG),  # logged by the running gate, which keeps its config
-    (_P + "gate.UploadsBusy", EX_UNAVAILABLE),
+    (_P + "gate.errors.GateError", EX_CONFIG),
+    (_P + "gate.errors.SocketInUse", EX_UNAVAILABLE),
+    (_P + "gate.reload.ReloadRefused", EX_CONFIG),  # logged by the running gate, which keeps its config
+    (_P + "gate.budget.UploadsBusy", EX_UNAVAILABLE),
     (_P + "gate_protocol.ProtocolError", EX_UNAVAILABLE),
     (_P + "gate_protocol.BadFrame", EX_PROTOCOL),
     (_P + "gate_client.GateClientError", EX_UNAVAILABLE),

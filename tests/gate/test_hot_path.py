@@ -12,7 +12,7 @@ import pytest
 import trustme
 
 from sendmail_shim.config import load
-from sendmail_shim.gate import Recorder
+from sendmail_shim.gate.recorder import Recorder
 from sendmail_shim.invocation import parse_argv
 from sendmail_shim.pipeline import Caller, Runtime, decide
 from tests.gate.deployment import RELAY_PASSWORD, RELAY_USER, Deployment, message

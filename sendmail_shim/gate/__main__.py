@@ -1,0 +1,5 @@
+"""``python -m sendmail_shim.gate [--user USER]``: the gate with the usual config file."""
+
+from sendmail_shim.gate.service import main
+
+main()
