@@ -84,7 +84,9 @@ struct target {
     char user[256]; /* [gate] user; empty: the socket file's owner is the gate */
 };
 
-enum status { OK, CLOSED, TIMED_OUT, BAD_FRAME, FAILED };
+/* RESET: the gate closed with part of the request unread (AF_UNIX reports ECONNRESET then),
+ * so it never had the whole message; CLOSED: an orderly end. */
+enum status { OK, CLOSED, RESET, TIMED_OUT, BAD_FRAME, FAILED };
 
 static unsigned char frame_buf[HEADER_SIZE + MAX_DATA + HEADER_SIZE];
 static unsigned char reply_buf[MAX_VERDICT];
@@ -584,8 +586,10 @@ static enum status read_exactly(int fd, unsigned char *into, size_t size, double
             got += (size_t)count;
             continue;
         }
-        if (count == 0 || errno == ECONNRESET)
+        if (count == 0)
             return CLOSED;
+        if (errno == ECONNRESET)
+            return RESET;
         if (errno == EINTR)
             continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK)
@@ -845,7 +849,7 @@ static void obey(size_t len)
 __attribute__((noreturn))
 static void broken(enum status status, const struct target *target)
 {
-    if (status == CLOSED)
+    if (status == CLOSED || status == RESET)
         finish(EX_UNAVAILABLE, "not sent: the mail gate closed the connection before answering; try again, "
                "and tell the administrator if it keeps happening");
     if (status == TIMED_OUT)
@@ -876,10 +880,11 @@ static void exchange(int fd, int argc, char **argv, const char *name, const stru
     }
     int answered = 0;
     status = send_request(fd, argc, argv, name, target, &answered);
-    int closed = status == CLOSED; /* the gate may still have said why before it closed */
+    int closed = status == CLOSED || status == RESET; /* the gate may still have said why before it closed */
     if (status != OK && !closed)
         broken(status, target);
-    /* The whole message is out: a connection that breaks now may follow a relayed message. */
+    /* The whole message is out: an orderly close now may follow a relayed message; a reset says
+     * the gate left part of it unread, so it was not sent. */
     int whole = status == OK && !answered;
     status = read_frame(fd, closed ? now() : now() + target->timeout, "V", &kind, &len);
     if (whole && status == CLOSED)

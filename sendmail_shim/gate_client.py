@@ -458,10 +458,15 @@ def _exchange(sock: _socket.socket, target: GateTarget, argv: list[bytes],
 
 
 def _final_verdict(sock: _socket.socket, target: GateTarget) -> protocol.WireVerdict:
-    """The verdict once the whole message is out: from here a broken connection is no "not sent"."""
+    """The verdict once the whole message is out.
+
+    An orderly close now may follow a relayed message: the outcome is unknown. A reset
+    (ConnectionResetError, left to ``submit``) is what AF_UNIX reports when the gate closed
+    with part of the request unread: it never had the whole message, so it was not sent.
+    """
     try:
         _, payload = protocol.read_frame(sock, time.monotonic() + target.timeout, protocol.VERDICT)
-    except (ConnectionResetError, protocol.PeerClosed):
+    except protocol.PeerClosed:
         raise GateOutcomeUnknown(OUTCOME_UNKNOWN) from None
     return protocol.WireVerdict.decode(payload)
 

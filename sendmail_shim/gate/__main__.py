@@ -2,4 +2,5 @@
 
 from sendmail_shim.gate.service import main
 
-main()
+if __name__ == "__main__":
+    main()

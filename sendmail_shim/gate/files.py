@@ -29,7 +29,7 @@ def check_private_files(config: Config) -> None:
 
 
 def _check_ledger_file(config: Config) -> None:
-    from .ledger import Ledger
+    from ..ledger import Ledger
 
     ledger = Ledger(config.ledger.url)
     if ledger.dialect != "sqlite" or not os.path.exists(ledger.where):

@@ -153,7 +153,7 @@ def _changed_fields(old: object, new: object) -> list[str]:
 
 def _shown(section: str, value: object) -> str:
     if section == "ledger" and isinstance(value, str) and "://" in value:
-        from .ledger.connections import safe_url
+        from ..ledger.connections import safe_url
 
         return safe_url(value)
     if isinstance(value, tuple):

@@ -79,8 +79,8 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m sendmail_shim.gate [--user USER]``: the gate with the usual config file."""
-    from .config import load
-    from .ledger import LedgerError
+    from ..config import load
+    from ..ledger import LedgerError
 
     args = sys.argv[1:] if argv is None else argv
     user = args[1] if len(args) == 2 and args[0] == "--user" else None
@@ -163,7 +163,7 @@ def report_unsettled(runtime: Runtime) -> None:
     reservation times out), and the admin gets its Message-ID, Unix user and
     account to check with the relay.
     """
-    from .ledger import LedgerError
+    from ..ledger import LedgerError
 
     assert runtime.holder is not None
     try:
@@ -209,7 +209,7 @@ def _warm_ledger(runtime: Runtime) -> None:
     (exit 69) until it is back, and the gate need not be restarted. Any other
     ledger error stops the start with its own line and exit code.
     """
-    from .ledger import LedgerUnavailable
+    from ..ledger import LedgerUnavailable
 
     try:
         status = runtime.ledger.schema_status()
