@@ -9,7 +9,7 @@ from tests.gate.conftest import needs_users
 from tests.gate.deployment import Deployment, message
 from tests.support.upstream import SmtpUpstream
 
-SYNC_TIMEOUT = 3  # scaled down from 30 s, as the dot's delay is from 40 s
+SYNC_TIMEOUT = 3  # scaled down from 30 s, as the dot's delay is from 40 s (the last test runs at full scale)
 DOT_DELAY = 8  # past sync_timeout, within dot_timeout
 SLACK = 2.5
 
@@ -82,3 +82,25 @@ def test_a_late_5xx_bounces_the_message(deployment: Deployment, relay: SmtpUpstr
     kinds = {e["id"]: (e["kind"], e["state"]) for e in queue_entries(deployment)}
     assert kinds.pop(queue_id) == ("message", "done")
     assert list(kinds.values()) == [("bounce", "queued")]  # to the sender, through the usual path
+
+
+@needs_users
+def test_at_the_products_defaults_a_reply_after_40_s_answers_the_site_in_30_s_and_sends_once(
+        deployment: Deployment, relay: SmtpUpstream) -> None:
+    """The fault as found: every [upstream] and [gate] timeout at its default (sync budget 30 s)."""
+    del deployment.sections["upstream"]["timeout"], deployment.sections["gate"]["request_timeout"]
+    deployment.write_config()
+    deployment.start_gate()
+    relay.script.delays["DATA"] = 40
+    started = time.monotonic()
+    result = deployment.sendmail("-t", "-i", input=message(subject="forty seconds"), timeout=90)
+    elapsed = time.monotonic() - started
+    assert result.code == 0 and 30 - SLACK < elapsed < 30 + SLACK, (result, elapsed)
+    (entry,) = queue_entries(deployment)
+    assert entry["state"] == "awaiting_reply" and entry["id"] in result.line
+    line = deployment.wait_for_log("event=reply-after-dot", timeout=40 - elapsed + 15)
+    assert "verdict=sent" in line
+    shown = json.loads(deployment.admin("queue", "show", str(entry["id"]), "--json").stdout)
+    assert shown["state"] == "done"
+    assert run_queue(deployment)["messages"] == 0
+    assert len(relay.received) == 1
