@@ -212,6 +212,9 @@ class Ledger:
                          customer: str | None = None) -> list[Decision]:
         return self.journal.recent_decisions(limit, account=account, customer=customer)
 
+    def top_scripts(self, scope: str, subject: str, since: float, limit: int = 3) -> list[tuple[str, int]]:
+        return self.journal.top_scripts(scope, subject, since, limit)
+
     def audit_log(self, limit: int = 50, *, subject: str | None = None) -> list[AuditEntry]:
         return self.journal.audit_log(limit, subject=subject)
 

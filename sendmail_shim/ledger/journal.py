@@ -14,7 +14,7 @@ from .store import Store
 
 DECISION_FIELDS = (
     "verdict", "code", "account", "customer", "uid", "user", "recipients",
-    "reason", "message_id", "time", "stage", "reference",
+    "reason", "message_id", "time", "stage", "reference", "script", "cwd", "exe",
 )
 # The mail log's names for the same fields, so that a log record can be stored as it is.
 DECISION_ALIASES = {"rcpts": "recipients", "msgid": "message_id", "ref": "reference",
@@ -77,9 +77,9 @@ def insert_decision(tx: Tx, fields: dict[str, object]) -> None:
     values["extra"] = " ".join(extra)[:4000] or None
     tx.run(
         "INSERT INTO decisions (at, verdict, code, account, customer_id, uid, unix_user, "
-        "recipients, reason, message_id, stage, reference, extra) VALUES (:time, "
+        "recipients, reason, message_id, stage, reference, script, cwd, exe, extra) VALUES (:time, "
         ":verdict, :code, :account, :customer, :uid, :user, :recipients, :reason, "
-        ":message_id, :stage, :reference, :extra)",
+        ":message_id, :stage, :reference, :script, :cwd, :exe, :extra)",
         values,
     )
 
@@ -112,6 +112,23 @@ class Journal:
                 f"WHERE {' AND '.join(clauses)} ORDER BY at DESC, id DESC LIMIT :n", params,
             )
         return [Decision(int(r[0]), float(r[1]), *r[2:]) for r in rows]
+
+    def top_scripts(self, scope: str, subject: str, since: float, limit: int = 3) -> list[tuple[str, int]]:
+        """The scripts that sent most for an account or customer since ``since``: (script, messages).
+
+        A decision without a script (not PHP, or ``mail.add_x_header`` off)
+        counts under its executable, else is left out.
+        """
+        column = "account" if scope == "account" else "customer_id"
+        key = canonical_address(subject) if scope == "account" else subject
+        with self.store.read() as tx:
+            rows = tx.rows(
+                "SELECT COALESCE(script, exe) AS s, COUNT(*) AS n FROM decisions "
+                f"WHERE {column} = :k AND at >= :since AND COALESCE(script, exe) IS NOT NULL "
+                "GROUP BY COALESCE(script, exe) ORDER BY n DESC, s LIMIT :n",
+                {"k": key, "since": since, "n": limit},
+            )
+        return [(str(r[0]), int(r[1])) for r in rows]
 
     def audit_log(self, limit: int = 50, *, subject: str | None = None) -> list[AuditEntry]:
         """The latest admin actions, newest first."""

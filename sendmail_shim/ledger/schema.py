@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from .connections import Backend, SqlAlchemyBackend, prepare_sqlite_file
 
 MIGRATIONS = ("0001_initial", "0002_queue", "0003_store", "0004_default_sender", "0005_unconfirmed",
-              "0006_send_holder")
+              "0006_send_holder", "0007_operations")
 _PG_ADVISORY_UPGRADE_LOCK = 7_352_001
 
 
@@ -282,6 +282,34 @@ def _migrate_0006_send_holder(connection: Any, sa: Any) -> None:
     connection.execute(sa.text("ALTER TABLE sends ADD COLUMN uid INTEGER"))
 
 
+def _migrate_0007_operations(connection: Any, sa: Any) -> None:
+    """What the operator's console needs: who sent it, whom to tell, what was told.
+
+    ``decisions`` gain the script (``X-PHP-Originating-Script``) and, for gate
+    callers, the process's working directory and executable. ``customers``
+    gain a contact address. ``notices`` holds one row per notice sent; its
+    unique key is what makes "at most one per rule and window" hold across
+    processes and servers sharing the ledger.
+    """
+    for column in ("script", "cwd", "exe"):
+        connection.execute(sa.text(f"ALTER TABLE decisions ADD COLUMN {column} TEXT"))
+    connection.execute(sa.text("ALTER TABLE customers ADD COLUMN contact VARCHAR(320)"))
+    md = sa.MetaData()
+    big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+    sa.Table("notices", md, sa.Column("id", big_id, primary_key=True, autoincrement=True),
+             sa.Column("at", sa.Double, nullable=False, index=True),
+             sa.Column("kind", sa.String(16), nullable=False),  # warn, limit, block
+             sa.Column("scope", sa.String(16), nullable=False),  # account, customer
+             sa.Column("subject", sa.String(320), nullable=False),
+             sa.Column("rule", sa.String(64), nullable=False),  # e.g. "10 messages / 5m"; "abuse" for blocks
+             sa.Column("window_start", sa.Double, nullable=False),
+             sa.Column("recipients", sa.Text),  # where it went, comma separated
+             sa.Column("message_id", sa.Text),
+             sa.UniqueConstraint("kind", "scope", "subject", "rule", "window_start",
+                                 name="notices_once"))
+    md.create_all(connection)
+
+
 _MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
     "0001_initial": _migrate_0001_initial,
     "0002_queue": _migrate_0002_queue,
@@ -289,4 +317,5 @@ _MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
     "0004_default_sender": _migrate_0004_default_sender,
     "0005_unconfirmed": _migrate_0005_unconfirmed,
     "0006_send_holder": _migrate_0006_send_holder,
+    "0007_operations": _migrate_0007_operations,
 }

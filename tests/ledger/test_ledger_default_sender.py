@@ -94,8 +94,9 @@ def test_upgrade_adds_the_columns_to_an_existing_ledger(ledger_url: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     _old_ledger(ledger_url, monkeypatch)
     ledger = Ledger(ledger_url)
-    assert ledger.schema_status().pending == ("0004_default_sender", "0005_unconfirmed", "0006_send_holder")
-    assert ledger.upgrade() == ["0004_default_sender", "0005_unconfirmed", "0006_send_holder"]
+    pending = ("0004_default_sender", "0005_unconfirmed", "0006_send_holder", "0007_operations")
+    assert ledger.schema_status().pending == pending
+    assert ledger.upgrade() == list(pending)
     assert ledger.find_account("post@kunde.example") is not None  # the data stayed
     assert ledger.set_default_sender("kunde1", "post@kunde.example").default_sender == "post@kunde.example"
     assert ledger.default_sender("web1") == "post@kunde.example"
@@ -114,10 +115,11 @@ def test_db_upgrade_command_upgrades_in_place(tmp_path: Path, monkeypatch: pytes
 
     refused = admin("customer", "show", "kunde1")
     assert refused.returncode == 78
-    assert ("missing 0004_default_sender, 0005_unconfirmed, 0006_send_holder); run: sendmail-shim db upgrade"
-            in refused.stderr)
+    assert ("missing 0004_default_sender, 0005_unconfirmed, 0006_send_holder, 0007_operations); "
+            "run: sendmail-shim db upgrade" in refused.stderr)
     upgraded = json.loads(admin("db", "upgrade", "--json").stdout)
-    assert upgraded["applied"] == ["0004_default_sender", "0005_unconfirmed", "0006_send_holder"]
+    assert upgraded["applied"] == ["0004_default_sender", "0005_unconfirmed", "0006_send_holder",
+                                   "0007_operations"]
     assert upgraded["schema"] == list(MIGRATIONS)
     assert admin("customer", "set", "kunde1", "--default-sender", "post@kunde.example").returncode == 0
     shown = json.loads(admin("customer", "show", "kunde1", "--json").stdout)
