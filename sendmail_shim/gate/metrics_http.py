@@ -12,6 +12,7 @@ local Prometheus in that group can read it and the sites cannot.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import selectors
 import socket
@@ -164,11 +165,17 @@ def open_metrics_server(config: MetricsConfig, render: Callable[[], str]) -> Met
     assert address is not None, "[metrics] listen is validated by config"
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock = socket.create_server((host, port), family=family, backlog=16)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for TIME_WAIT
+        sock.bind((host, port))
+        sock.listen(16)
     except OSError as exc:
-        raise MetricsUnavailable(f"[metrics] listen: cannot listen on {config.listen} ({exc.strerror}); "
-                                 f"choose a free port above 1023") from None
+        sock.close()
+        fix = ("another program listens there; choose another port" if exc.errno == errno.EADDRINUSE
+               else "ports below 1024 need root, which the gate has given up; choose one above 1023"
+               if exc.errno == errno.EACCES else "check the address")
+        raise MetricsUnavailable(f"[metrics] listen: cannot listen on {config.listen} ({exc.strerror}); {fix}") from None
     return MetricsServer(sock, config.listen or f"{host}:{port}", render)
 
 
