@@ -175,7 +175,8 @@ def open_metrics_server(config: MetricsConfig, render: Callable[[], str]) -> Met
         fix = ("another program listens there; choose another port" if exc.errno == errno.EADDRINUSE
                else "ports below 1024 need root, which the gate has given up; choose one above 1023"
                if exc.errno == errno.EACCES else "check the address")
-        raise MetricsUnavailable(f"[metrics] listen: cannot listen on {config.listen} ({exc.strerror}); {fix}") from None
+        raise MetricsUnavailable(f"[metrics] listen: cannot listen on {config.listen} ({exc.strerror}); "
+                                 f"{fix}") from None
     return MetricsServer(sock, config.listen or f"{host}:{port}", render)
 
 

@@ -107,7 +107,7 @@ def test_write_uses_the_configured_textfile(shim: Shim, tmp_path: Path) -> None:
 
 
 def test_an_unreadable_ledger_is_said_in_the_metrics_not_by_a_failure(shim: Shim, tmp_path: Path) -> None:
-    shim.configure("ledger", url=f"postgresql+psycopg://nobody@127.0.0.1:1/none")
+    shim.configure("ledger", url="postgresql+psycopg://nobody@127.0.0.1:1/none")
     result = shim.admin("metrics", "show")
     samples = parse(result.stdout.decode())
     assert value(samples, "sendmail_shim_ledger_up") == 0
