@@ -6,7 +6,8 @@ It answers one request per connection and closes it. A request has
 scraper that stalls holds one of those slots for a few seconds, never the gate's
 socket or its callers. The TCP address is a loopback one (``config check``
 refuses others); a UNIX socket is made mode 0660, group the gate's own, so that a
-local Prometheus in that group can read it and the sites cannot.
+local Prometheus in that group can read it and the sites cannot. The gate binds it
+before it gives up root, so it may live in root's ``/run/sendmail-shim``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from .. import trust
 from ..config import MetricsConfig
 from ..metrics import CONTENT_TYPE
-from .errors import MetricsUnavailable, UnsafeSocketPlace
-from .listener import check_socket_directory
+from .errors import MetricsUnavailable
+from .listener import socket_place_problem
 
 MAX_REQUEST = 8192  # bytes of request line and headers: a scrape sends a few hundred
 REQUEST_TIMEOUT = 5.0  # seconds for the request to arrive and for the answer to be taken
@@ -157,10 +159,16 @@ def _answer(conn: socket.socket, status: int, body: str, head_only: bool = False
 # ------------------------------------------------------------------ listening
 
 
-def open_metrics_server(config: MetricsConfig, render: Callable[[], str]) -> MetricsServer:
-    """The server on ``[metrics] listen`` (not yet started); MetricsUnavailable when it cannot listen."""
+def open_metrics_server(config: MetricsConfig, render: Callable[[], str],
+                        owner: trust.Identity | None = None) -> MetricsServer:
+    """The server on ``[metrics] listen`` (not yet started); MetricsUnavailable when it cannot listen.
+
+    ``owner`` is the gate's user: called as root (before privileges are dropped, so that a
+    socket can go in root's /run/sendmail-shim), the socket file is given to that user and group.
+    """
     if config.unix_socket is not None:
-        return MetricsServer(_bind_unix(config.unix_socket), config.unix_socket, render, config.unix_socket)
+        sock = _bind_unix(config.unix_socket, owner or trust.Identity.of_uid(os.geteuid()))
+        return MetricsServer(sock, config.unix_socket, render, config.unix_socket)
     address = config.address
     assert address is not None, "[metrics] listen is validated by config"
     host, port = address
@@ -180,16 +188,22 @@ def open_metrics_server(config: MetricsConfig, render: Callable[[], str]) -> Met
     return MetricsServer(sock, config.listen or f"{host}:{port}", render)
 
 
-def _bind_unix(path: str) -> socket.socket:
-    try:
-        check_socket_directory(os.path.dirname(path))
-    except UnsafeSocketPlace as exc:  # its own line says why, under our key
-        raise MetricsUnavailable(f"[metrics] listen: {exc}") from None
+def _bind_unix(path: str, owner: trust.Identity) -> socket.socket:
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise MetricsUnavailable(f"[metrics] listen: {directory} does not exist; create it owned by root or "
+                                 f"{owner.name}, mode 0755 (/run/sendmail-shim, which the packaged socket unit "
+                                 f"makes, will do)")
+    problem = socket_place_problem(directory, owner.uid, owner.name)
+    if problem is not None:
+        raise MetricsUnavailable(f"[metrics] listen: {problem}")
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         os.chmod(path, SOCKET_MODE)  # the gate's group (a local Prometheus in it) may scrape; the sites may not
+        if os.geteuid() == 0:
+            os.chown(path, owner.uid, owner.gid)
         sock.listen(16)
     except OSError as exc:
         sock.close()

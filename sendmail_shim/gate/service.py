@@ -40,6 +40,8 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
     identity = serving_identity(config, user)
     egress, prober = _egress_as_root(config, identity)
     inherited = inherited_socket()
+    # Bound while root is still there: a UNIX socket may go in root's /run/sendmail-shim.
+    metrics, exporter = _metrics(config, identity, lambda: gate.runtime)
     if os.geteuid() == 0:
         drop_privileges(identity)
     check_private_files(config)
@@ -50,7 +52,6 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
     runtime.upstream = guard.upstream
     warm_up(runtime)
     guard.start()  # verified: the upstream keeps a secured connection ready from here on
-    metrics, exporter = _metrics(config, lambda: gate.runtime)  # a port it cannot have stops the start here
     listener = open_listener(config.gate, inherited)
     report_unsettled(runtime)  # before the first caller: every reservation of ours now is a dead run's
     recorder = Recorder(config)
@@ -103,12 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _metrics(config: Config, runtime: Callable[[], Runtime]) -> tuple[GateMetrics | None, MetricsServer | None]:
+def _metrics(config: Config, identity: trust.Identity,
+             runtime: Callable[[], Runtime]) -> tuple[GateMetrics | None, MetricsServer | None]:
     """The gate's metrics and their server, when ``[metrics] listen`` is set (bound now, started later)."""
     if config.metrics.listen is None:
         return None, None
     metrics = GateMetrics(runtime)
-    return metrics, open_metrics_server(config.metrics, metrics.render)
+    return metrics, open_metrics_server(config.metrics, metrics.render, identity)
 
 
 # ------------------------------------------------------------------ who the gate runs as

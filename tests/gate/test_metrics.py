@@ -197,3 +197,20 @@ def test_a_reload_keeps_the_listen_address_and_counts_itself(deployment: Deploym
     time.sleep(10.5)  # the ledger's figures are read at most every 10 s
     named = label_values(parse(scrape(port)[2]), "sendmail_shim_customer_usage", "customer")
     assert named == {"ka", "(other)"} or named == {"kb", "(other)"}
+
+
+@needs_users
+def test_started_as_root_the_gate_makes_its_metrics_socket_in_roots_run_directory(deployment: Deployment) -> None:
+    """As the packaged unit starts it: /run/sendmail-shim is root's, the socket the gate user's."""
+    path = deployment.run_dir / "metrics.sock"  # run/ is root's, mode 0755, as systemd makes it
+    deployment.configure("metrics", listen=str(path))
+    deployment.start_gate(as_root=True)
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (
+        deployment.users.gate.uid, deployment.users.gate.gid, 0o660)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as scraper:
+        scraper.settimeout(10)
+        scraper.connect(str(path))
+        scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = scraper.makefile("rb").read().decode()
+    assert answer.startswith("HTTP/1.0 200 OK") and "sendmail_shim_gate_start_time_seconds" in answer
