@@ -214,3 +214,17 @@ def test_started_as_root_the_gate_makes_its_metrics_socket_in_roots_run_director
         scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
         answer = scraper.makefile("rb").read().decode()
     assert answer.startswith("HTTP/1.0 200 OK") and "sendmail_shim_gate_start_time_seconds" in answer
+
+
+def test_spf_cache_lookups_are_counted_as_hits_and_misses() -> None:
+    from sendmail_shim.gate.instruments import CountingSpfCache, GateMetrics
+    from sendmail_shim.spf import MemoryVerdictCache
+
+    metrics = GateMetrics(lambda: None)  # type: ignore[arg-type,return-value] - the ledger is not read here
+    cache = CountingSpfCache(MemoryVerdictCache(), metrics)
+    now = time.time()
+    assert cache.get("kunde.example", "192.0.2.25", now) is None
+    cache.put("kunde.example", "192.0.2.25", "pass", now + 60)
+    assert cache.get("kunde.example", "192.0.2.25", now) == "pass"
+    assert cache.get("kunde.example", "192.0.2.25", now + 61) is None  # expired: a miss
+    assert (metrics.spf_lookups.value("hit"), metrics.spf_lookups.value("miss")) == (1, 2)
