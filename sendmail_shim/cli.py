@@ -815,6 +815,7 @@ def _config_summary(loaded: Config) -> dict[str, Any]:
         "account_limits": [str(r) for r in loaded.limits.account],
         "customer_limits": [str(r) for r in loaded.limits.customer],
         "gate": loaded.gate.socket or "off (in-process)",
+        "metrics": loaded.metrics.listen or "off",
     }
 
 

@@ -112,3 +112,17 @@ def test_an_unreadable_ledger_is_said_in_the_metrics_not_by_a_failure(shim: Shim
     samples = parse(result.stdout.decode())
     assert value(samples, "sendmail_shim_ledger_up") == 0
     assert ("sendmail_shim_queue_messages", frozenset({("state", "queued")})) not in samples
+
+
+def test_config_check_shows_where_the_gate_serves_its_metrics(shim: Shim) -> None:
+    assert json.loads(shim.admin("config", "check", "--json").stdout)["summary"]["metrics"] == "off"
+    shim.configure("metrics", listen="[::1]:9525")
+    checked = shim.admin("config", "check", "--json")
+    assert checked.code == 0 and json.loads(checked.stdout)["summary"]["metrics"] == "[::1]:9525"
+    shim.configure("metrics", listen="192.0.2.10:9525")
+    refused = shim.admin("config", "check")
+    assert refused.code == 78
+    assert refused.stderr.strip().endswith("metrics.listen: 192.0.2.10 is not a loopback address: the metrics "
+                                           "name customers and must not be served to the network; use 127.0.0.1 "
+                                           "or ::1 (a Prometheus elsewhere scrapes through a proxy or "
+                                           "node-exporter's textfile), or a UNIX socket")
