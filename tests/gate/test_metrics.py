@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from tests.gate.conftest import needs_users
-from tests.gate.deployment import Deployment, message
+from tests.gate.deployment import Deployment, message, run_process
 from tests.support.prometheus import Samples, check_metrics, label_values, parse, value
 
 
@@ -228,3 +228,31 @@ def test_spf_cache_lookups_are_counted_as_hits_and_misses() -> None:
     assert cache.get("kunde.example", "192.0.2.25", now) == "pass"
     assert cache.get("kunde.example", "192.0.2.25", now + 61) is None  # expired: a miss
     assert (metrics.spf_lookups.value("hit"), metrics.spf_lookups.value("miss")) == (1, 2)
+
+
+HOLD_AND_KNOCK = """
+import socket, sys
+first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+first.connect(sys.argv[1])
+first.recv(100)  # the greeting: this connection is the Unix user's one slot now
+second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+second.connect(sys.argv[1])
+second.settimeout(10)
+print(second.recv(4096)[:200])
+"""
+
+
+@needs_users
+def test_callers_turned_away_and_requests_cut_short_are_counted(deployment: Deployment) -> None:
+    port = free_port()
+    deployment.configure("metrics", listen=f"127.0.0.1:{port}")
+    deployment.configure("gate", max_connections_per_uid=1)
+    deployment.start_gate()
+    site = run_process([deployment.python.executable, "-c", HOLD_AND_KNOCK, str(deployment.socket_path)],
+                       env=deployment.client_env(), cwd="/", options=deployment.users.a.run_options())
+    assert site.code == 0 and b"already has 1 messages in progress" in site.stdout, (site.stdout, site.stderr)
+    _, samples = scrape_until(port, "sendmail_shim_gate_requests_dropped_total", 1)
+    assert value(samples, "sendmail_shim_gate_connections_total", outcome="busy") == 1
+    assert value(samples, "sendmail_shim_gate_connections_total", outcome="accepted") == 1
+    assert value(samples, "sendmail_shim_gate_requests_dropped_total", reason="closed") == 1
+    assert value(samples, "sendmail_shim_messages_total", verdict="sent") == 0
