@@ -126,3 +126,27 @@ def test_config_check_shows_where_the_gate_serves_its_metrics(shim: Shim) -> Non
                                            "name customers and must not be served to the network; use 127.0.0.1 "
                                            "or ::1 (a Prometheus elsewhere scrapes through a proxy or "
                                            "node-exporter's textfile), or a UNIX socket")
+
+
+def test_the_figures_read_the_same_from_a_postgresql_ledger(postgres_cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    from sendmail_shim.gauges import ledger_families
+    from sendmail_shim.ledger import Ledger
+    from sendmail_shim.metrics import render
+
+    ledger = Ledger(postgres_cluster.create_database())
+    ledger.upgrade()
+    try:
+        for n in (1, 2, 3):
+            ledger.add_customer(f"k{n}")
+            account = ledger.add_account(f"post@k{n}.example", f"k{n}", authenticated=True)
+            for _ in range(n):
+                ledger.settle(ledger.reserve(account, 3, message_id="<m@x>"), "sent")
+        text = render(ledger_families(ledger, 1, recent=True))
+    finally:
+        ledger.close()
+    assert check_metrics(text).returncode == 0
+    samples = parse(text)
+    assert value(samples, "sendmail_shim_ledger_up") == 1
+    assert value(samples, "sendmail_shim_customer_usage", customer="k3", rule="1500 recipients / 1h") == 9
+    assert value(samples, "sendmail_shim_customer_usage", customer="(other)", rule="250 messages / 1h") == 3
+    assert label_values(samples, "sendmail_shim_customer_usage", "customer") == {"k3", "(other)"}
