@@ -395,6 +395,8 @@ SECTION_TEXT: dict[str, str] = {
     "queue": "A temporary upstream failure puts the message in a durable queue, retried with growing "
              "delays by sendmail-shim queue run; expiry or a permanent failure sends a bounce to the sender.",
     "log": "Every decision is logged as one line of key=value fields.",
+    "metrics": "Prometheus metrics: served by the gate, or written for node-exporter's textfile collector "
+               "by sendmail-shim metrics write. Off unless set.",
 }
 
 KEY_TEXT: dict[str, str] = {
@@ -493,6 +495,13 @@ KEY_TEXT: dict[str, str] = {
     "log.repeat_limit": "Lines with the same caller uid and reason written per window; the rest are "
                         "counted in one summary line (0: no limit).",
     "log.repeat_window": "The window of repeat_limit; its end writes the summary line.",
+    "metrics.listen": "Where the gate serves GET /metrics: a loopback address and port (127.0.0.1:9525) or "
+                      "the absolute path of a UNIX socket (mode 0660, the gate's group). Other addresses are "
+                      "refused: the metrics name customers. Needs a restart to change.",
+    "metrics.top_customers": "How many customers the usage gauges name, closest to a limit first (0 to 100); "
+                             "the rest are summed up as (other).",
+    "metrics.textfile": "Where sendmail-shim metrics write puts node-exporter's textfile: an absolute path "
+                        "ending in .prom.",
 }
 
 TYPE_WORDS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",

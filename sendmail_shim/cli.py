@@ -7,7 +7,7 @@ Exit codes come from ``exitcodes``, the table ``sendmail`` and the gate use:
 unavailable, 78 configuration or schema.
 
 One click group per area (db, customer, account, usage, limits, override, log,
-config); the spf, queue and serve areas are added beside them.
+config); the spf, queue, serve and metrics areas are added beside them.
 """
 
 from __future__ import annotations
@@ -815,6 +815,7 @@ def _config_summary(loaded: Config) -> dict[str, Any]:
         "account_limits": [str(r) for r in loaded.limits.account],
         "customer_limits": [str(r) for r in loaded.limits.customer],
         "gate": loaded.gate.socket or "off (in-process)",
+        "metrics": loaded.metrics.listen or "off",
     }
 
 
@@ -1036,6 +1037,62 @@ def serve(state: State, user: str | None, as_json: bool) -> None:
     code = run_gate(state.config, user=user)
     show(as_json, {"ok": code == EX_OK, "exit_code": code}, "the gate has stopped")
     raise SystemExit(code)
+
+
+# ----------------------------------------------------------------- metrics
+
+
+@cli.group(epilog=example("sendmail-shim metrics show"))
+def metrics() -> None:
+    """Prometheus metrics from the ledger, for servers without the gate (docs/metrics.md)."""
+
+
+@metrics.command("show", epilog=example("sendmail-shim metrics show --json"))
+@json_option
+@pass_state
+def metrics_show(state: State, as_json: bool) -> None:
+    """Print what the ledger knows as Prometheus text: the queue, the customers closest to a limit
+    ([metrics] top_customers of them, the rest as "(other)"), and the decisions of the last hour
+    and day. The gate serves its own counters besides on [metrics] listen.
+    """
+    from .gauges import build_info, ledger_families
+    from .metrics import render
+
+    families = [build_info(), *ledger_families(state.ledger, state.config.metrics.top_customers, recent=True)]
+    if as_json:
+        show(True, {"generated_at": iso(time.time()), "metrics": [f.as_dict() for f in families]}, "")
+    else:
+        click.echo(render(families), nl=False)
+
+
+@metrics.command("write", epilog=example("sendmail-shim metrics write --textfile "
+                                         "/var/lib/prometheus/node-exporter/sendmail-shim.prom"))
+@click.option("--textfile", metavar="PATH", help="Where to write (default: [metrics] textfile); must end in .prom.")
+@json_option
+@pass_state
+def metrics_write(state: State, textfile: str | None, as_json: bool) -> None:
+    """Write `metrics show`'s text for node-exporter's textfile collector, atomically.
+
+    The file is written beside its final name and renamed over it, so the collector never
+    reads half of it; it is mode 0644. The packaged sendmail-shim-metrics.timer runs this
+    every minute once enabled.
+    """
+    from .gauges import textfile as textfile_text
+    from .metrics import write_textfile
+
+    path = textfile or state.config.metrics.textfile
+    if path is None:
+        raise click.UsageError("no textfile: give --textfile PATH or set [metrics] textfile")
+    if not path.endswith(".prom"):
+        raise click.UsageError(f"{path}: node-exporter's textfile collector reads only files ending in .prom")
+    text = textfile_text(state.ledger, state.config.metrics.top_customers)
+    try:
+        write_textfile(path, text)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path} ({exc.strerror})") from None
+    series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    show(as_json, {"ok": True, "textfile": path, "series": series, "written_at": iso(time.time())},
+         f"wrote {series} series to {path}")
 
 
 # ----------------------------------------------------------------- doctor

@@ -137,6 +137,28 @@ class LogConfig:
     repeat_window: int = 60  # seconds; then one line says how many were suppressed
 
 
+DEFAULT_TOP_CUSTOMERS = 10
+MAX_TOP_CUSTOMERS = 100  # the customer label's values are bounded: at most this many, plus "(other)"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None  # "127.0.0.1:9525" (a loopback address) or a UNIX socket's path; None: off
+    top_customers: int = DEFAULT_TOP_CUSTOMERS  # customers named in the usage gauges, closest to a limit first
+    textfile: str | None = None  # where `sendmail-shim metrics write` puts node-exporter's textfile
+
+    @property
+    def unix_socket(self) -> str | None:
+        return self.listen if self.listen is not None and self.listen.startswith("/") else None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) of a TCP ``listen``; None for a UNIX socket or when off."""
+        if self.listen is None or self.unix_socket is not None:
+            return None
+        return _split_host_port(self.listen, default_port=None)
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
@@ -148,6 +170,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sha256: str | None = None  # of the file's bytes as loaded: which config a running gate holds
 
 
@@ -216,7 +239,7 @@ def load(path: str | None = None) -> Config:
 
 
 def from_mapping(data: dict[str, Any], path: str = "<config>") -> Config:
-    known = {"upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log"}
+    known = {"upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics"}
     for name in data:
         if name not in known:
             raise ConfigError(path, name, f"unknown section (known: {', '.join(sorted(known))})")
@@ -232,6 +255,7 @@ def from_mapping(data: dict[str, Any], path: str = "<config>") -> Config:
         gate=_gate(_Section(data, "gate", path)),
         queue=_queue(_Section(data, "queue", path)),
         log=_log(_Section(data, "log", path)),
+        metrics=_metrics(_Section(data, "metrics", path)),
     )
 
 
@@ -410,11 +434,11 @@ def _spf(s: _Section) -> SpfConfig:
     return config
 
 
-def _split_host_port(text: str) -> tuple[str, int] | None:
-    """``127.0.0.1:5353`` → (host, port); ``[::1]:53``, ``::1`` and bare hosts too."""
+def _split_host_port(text: str, default_port: int | None = 53) -> tuple[str, int] | None:
+    """``127.0.0.1:5353`` → (host, port); ``[::1]:53``, ``::1`` and bare hosts too (with ``default_port``)."""
     import ipaddress
 
-    host, port = text, 53
+    host, port = text, default_port
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
@@ -433,7 +457,7 @@ def _split_host_port(text: str) -> tuple[str, int] | None:
         ipaddress.ip_address(host)
     except ValueError:
         return None
-    return (host, port) if 0 < port < 65536 else None
+    return (host, port) if port is not None and 0 < port < 65536 else None
 
 
 def nameserver_address(text: str) -> tuple[str, int]:
@@ -526,3 +550,37 @@ def _log(s: _Section) -> LogConfig:
                        repeat_window=s.duration("repeat_window", 60))
     s.done()
     return config
+
+
+def _metrics(s: _Section) -> MetricsConfig:
+    config = MetricsConfig(listen=_metrics_listen(s),
+                           top_customers=s.integer("top_customers", DEFAULT_TOP_CUSTOMERS, 0, MAX_TOP_CUSTOMERS),
+                           textfile=_metrics_textfile(s))
+    s.done()
+    return config
+
+
+def _metrics_listen(s: _Section) -> str | None:
+    """A loopback host:port or an absolute path: the metrics name customers, so never on the network."""
+    import ipaddress
+
+    listen = s.string("listen")
+    if listen is None or listen.startswith("/"):
+        return listen
+    parsed = _split_host_port(listen, default_port=None)
+    if parsed is None:
+        raise s.error("listen", f"{listen!r} is neither an IP address with a port (write e.g. 127.0.0.1:9525 "
+                                "or [::1]:9525) nor an absolute path for a UNIX socket")
+    if not ipaddress.ip_address(parsed[0]).is_loopback:
+        raise s.error("listen", f"{parsed[0]} is not a loopback address: the metrics name customers and "
+                                "must not be served to the network; use 127.0.0.1 or ::1 (a Prometheus "
+                                "elsewhere scrapes through a proxy or node-exporter's textfile), or a UNIX socket")
+    return listen
+
+
+def _metrics_textfile(s: _Section) -> str | None:
+    textfile = s.string("textfile")
+    if textfile is not None and (not textfile.startswith("/") or not textfile.endswith(".prom")):
+        raise s.error("textfile", f"{textfile!r} must be an absolute path ending in .prom "
+                                  "(node-exporter's textfile collector reads only *.prom files)")
+    return textfile

@@ -43,6 +43,8 @@ class Verdict:
     smtp_code: int = 250
     smtp_text: str = "2.0.0 accepted"
     fields: dict[str, object] = field(default_factory=dict)
+    # Seconds spent in the slow steps ("reservation", "upstream"), for the gate's metrics; never logged.
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -97,6 +99,7 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
     reservation: Reservation | None = None
     outcome: str | None = None  # how the reservation is settled with the decision record
     follow_up: Callable[[], None] | None = None
+    timings: dict[str, float] = {}
     try:
         message, envelope = _prepare(invocation, raw, caller, runtime, fields)
         account = _authorise(envelope, message, caller, runtime)
@@ -104,16 +107,22 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         _check_spf(envelope, message, runtime)
         # The committed reservation, naming this gate, is the mark that the message is being relayed:
         # if the gate dies before settling it, its next start reports the outcome as unknown.
-        reservation = runtime.ledger.reserve(account, len(envelope.recipients), message_id=message.message_id or "",
-                                             holder=runtime.holder, uid=caller.uid)
+        reserving = time.monotonic()
+        try:
+            reservation = runtime.ledger.reserve(account, len(envelope.recipients),
+                                                 message_id=message.message_id or "", holder=runtime.holder,
+                                                 uid=caller.uid)
+        finally:  # a refusal by a limit took the ledger's time too
+            timings["reservation"] = time.monotonic() - reserving
         queue.crash_point("pipeline:after-reserve")
         # From here on the message counts against the limits: it ends up sent, queued or released
         # (or, if this process dies first, expired after [ledger] reservation_timeout).
-        verdict, outcome, follow_up = _relay_or_queue(envelope, message, reservation, runtime, fields)
+        verdict, outcome, follow_up = _relay_or_queue(envelope, message, reservation, runtime, fields, timings)
     except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
         outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
+    verdict.timings.update(timings, decision=time.monotonic() - started)
     return verdict, Record(runtime, verdict, reservation, outcome, follow_up)
 
 
@@ -162,17 +171,21 @@ def _check_spf(envelope: Envelope, message: Message, runtime: Runtime) -> None:
 
 
 def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservation, runtime: Runtime,
-                    fields: dict[str, object]) -> tuple[Verdict, str | None, Callable[[], None] | None]:
+                    fields: dict[str, object], timings: dict[str, float],
+                    ) -> tuple[Verdict, str | None, Callable[[], None] | None]:
     """The verdict, how the reservation is still to be settled (None: the queue did it), and
     what is left to do once the caller has its answer (the gate's wait for a late reply)."""
+    relaying = time.monotonic()
     try:
         result = runtime.upstream.send(envelope, message, synchronous=True)
     except ReplyPending as late:
+        timings["upstream"] = time.monotonic() - relaying
         if not runtime.config.queue.enabled:
             late.pending.abandon()
             raise _unconfirmed_error(late) from None
         return _awaiting(late, envelope, message, reservation, runtime, fields)
     except RelayError as exc:
+        timings["upstream"] = time.monotonic() - relaying
         if not (exc.temporary and runtime.config.queue.enabled):
             raise
         state = "uncertain" if exc.uncertain else "queued"  # the upstream may have it: one retry at most
@@ -180,6 +193,7 @@ def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservati
                                  envelope=envelope, message=message, error=str(exc), state=state)
         # From here on the mail is safe: committed to the queue, it will be delivered or bounced.
         return _queued(queue_id, str(exc), exc.site_problem, fields, state), None, None
+    timings["upstream"] = time.monotonic() - relaying
     if result.deferred:  # some recipients said "later": they wait in the queue, the rest have it
         queue_id = queue.enqueue(runtime.ledger, runtime.config.queue, reservation=reservation,
                                  envelope=envelope, message=message, delivered=result.accepted,

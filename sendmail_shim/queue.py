@@ -233,6 +233,31 @@ def list_queue(ledger: Ledger, *, include_done: bool = False) -> list[QueuedMess
         return [_entry(row, _recipients(tx, str(row[0]))) for row in rows]
 
 
+QUEUE_STATES = ("queued", "awaiting_reply", "uncertain", "held")  # every state but done
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """How many messages wait in each state, and since when the oldest one that may still be sent waits."""
+
+    messages: dict[str, int]
+    oldest_waiting_at: float | None  # created_at of the oldest message in a WAITING state; None: none waits
+
+
+def summary(ledger: Ledger) -> QueueSummary:
+    """The queue in one grouped read (the ``queue_due`` index covers the state)."""
+    with ledger.transaction(write=False) as tx:
+        rows = tx.rows("SELECT state, count(*), min(created_at) FROM queue_messages WHERE state <> 'done' "
+                       "GROUP BY state")
+    messages = dict.fromkeys(QUEUE_STATES, 0)
+    oldest: float | None = None
+    for state, count, first in rows:
+        messages[str(state)] = int(count)
+        if state in WAITING and first is not None:
+            oldest = float(first) if oldest is None else min(oldest, float(first))
+    return QueueSummary(messages, oldest)
+
+
 def show(ledger: Ledger, queue_id: str) -> QueuedMessage:
     with ledger.transaction(write=False) as tx:
         rows = tx.rows(f"SELECT {_COLUMNS} FROM queue_messages WHERE id = :id", {"id": queue_id})

@@ -36,7 +36,8 @@ Each concern is a module of this package: ``service`` (start and stop),
 ``guard`` (trust in the relay), ``reload`` (SIGHUP), ``listener`` (the
 socket), ``files`` (what must be the gate's own), ``acceptor`` (connections
 per Unix user), ``connection`` (one message), ``budget`` (memory for large
-messages), ``recorder`` (the bookkeeping after the answer) and ``events``
+messages), ``recorder`` (the bookkeeping after the answer), ``instruments``
+and ``metrics_http`` (Prometheus metrics on ``[metrics] listen``) and ``events``
 (log lines); ``errors`` is the family of reasons not to start.
 """
 

@@ -20,6 +20,7 @@ from .budget import UploadBudget
 from .connection import Connection, wire_verdict
 from .events import log_event, user_label, user_name
 from .guard import TrustGuard
+from .instruments import GateMetrics
 from .listener import Listener, notify_systemd
 from .recorder import Recorder
 
@@ -56,9 +57,10 @@ class Gate:
     """Accepts connections, admits them per Unix user, and serves each in a thread."""
 
     def __init__(self, listener: Listener, runtime: Runtime, guard: TrustGuard,
-                 recorder: Recorder | None = None, budget: UploadBudget | None = None) -> None:
+                 recorder: Recorder | None = None, budget: UploadBudget | None = None,
+                 metrics: GateMetrics | None = None) -> None:
         self.listener, self.runtime, self.guard, self.recorder = listener, runtime, guard, recorder
-        self.budget = budget
+        self.budget, self.metrics = budget, metrics
         self.exit_code = os.EX_OK
         self.loaded_at: float | None = None  # of the last reload; None: the config of the start
         self.restart_needed: tuple[str, ...] = ()
@@ -72,6 +74,16 @@ class Gate:
         self.idle = threading.Condition(self.lock)
         self.stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
+        if metrics is not None:
+            metrics.active.source = self.active_connections
+
+    def active_connections(self) -> int:
+        with self.lock:
+            return sum(self.per_uid.values())
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connections.inc(outcome)
 
     @property
     def config(self) -> Config:
@@ -134,6 +146,7 @@ class Gate:
         pid, uid = peer_credentials(conn)
         if _hung_up(conn):  # connected and gone again before saying anything: nothing to serve
             conn.close()
+            self._count("closed")
             self._log_busy(uid, "closed before the greeting")
             return
         with self.lock:
@@ -147,6 +160,7 @@ class Gate:
         if busy:
             self._refuse_busy(conn, uid, mine >= limit)
             return
+        self._count("accepted")
         try:
             threading.Thread(target=self._serve, args=(conn, pid, uid, runtime), daemon=True,
                              name=f"gate-uid-{uid}").start()
@@ -159,6 +173,7 @@ class Gate:
         with contextlib.suppress(OSError):  # a fresh socket's buffer takes one small frame
             conn.send(self._busy_frame(uid, over_own_limit), socket.MSG_DONTWAIT)
         conn.close()
+        self._count("busy" if over_own_limit else "full")
         self._log_busy(uid, "per-user limit" if over_own_limit else "gate full")
 
     def _busy_frame(self, uid: int, over_own_limit: bool) -> bytes:
@@ -205,7 +220,7 @@ class Gate:
     def _serve(self, conn: socket.socket, pid: int, uid: int, runtime: Runtime) -> None:
         caller = Caller(uid=uid, user=user_name(uid), pid=pid)  # the name lookup may be slow (NSS)
         try:
-            Connection(conn, caller, runtime, self.status, self.recorder, self.budget).serve()
+            Connection(conn, caller, runtime, self.status, self.recorder, self.budget, self.metrics).serve()
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the gate
             log_event(runtime.config, "err", event="gate-internal-error", uid=caller.uid,
                  reason=f"{type(exc).__name__}: {exc}")

@@ -17,6 +17,7 @@ from ..message import MessageError, read_input
 from ..pipeline import Caller, Record, Runtime, Verdict, decide, refuse
 from .budget import LARGE_MESSAGE, UploadBudget, UploadsBusy
 from .events import log_event
+from .instruments import GateMetrics
 from .recorder import Recorder
 
 SEND_TIMEOUT = 10.0  # for writing a verdict to a caller that does not read it
@@ -28,9 +29,9 @@ class Connection:
 
     def __init__(self, conn: socket.socket, caller: Caller, runtime: Runtime,
                  status: Callable[[], dict[str, object]], recorder: Recorder | None = None,
-                 budget: UploadBudget | None = None) -> None:
+                 budget: UploadBudget | None = None, metrics: GateMetrics | None = None) -> None:
         self.conn, self.caller, self.runtime = conn, caller, runtime
-        self.status, self.recorder, self.budget = status, recorder, budget
+        self.status, self.recorder, self.budget, self.metrics = status, recorder, budget, metrics
         self.config = runtime.config
         self.deadline = time.monotonic() + self.config.gate.request_timeout
 
@@ -47,26 +48,28 @@ class Connection:
             finally:
                 upload.give_back()  # the message and its copies are gone with _decide's frame
         except protocol.PeerClosed:
-            self._log_broken("closed before the end of the request", "notice")
+            self._log_broken("closed before the end of the request", "notice", "closed")
             return
         except protocol.PeerTooSlow as exc:
-            self._log_broken("not complete in time", "notice")
+            self._log_broken("not complete in time", "notice", "timeout")
             self._answer_broken(exitcodes.exit_code_for(exc), "not sent: the request was not complete "
                                 f"within {self.config.gate.request_timeout:g} seconds")
             return
         except protocol.BadFrame as exc:
-            self._log_broken(f"protocol error: {exc}", "warning")
+            self._log_broken(f"protocol error: {exc}", "warning", "protocol")
             self._answer_broken(exitcodes.exit_code_for(exc),
                                 f"not sent: the request broke the gate protocol ({exc})")
             return
         except OSError as exc:
-            self._log_broken(f"connection error: {exc.strerror or exc}", "notice")
+            self._log_broken(f"connection error: {exc.strerror or exc}", "notice", "connection")
             return
         try:
             self._answer(verdict)
         except OSError as exc:  # the caller left; the log has the verdict
-            self._log_broken(f"verdict not delivered: {exc.strerror or exc}", "notice")
+            self._log_broken(f"verdict not delivered: {exc.strerror or exc}", "notice", "undelivered")
         finally:
+            if self.metrics is not None:  # after the answer: the caller never waits for its counters
+                self.metrics.decided(verdict)
             if record is not None and record.follow_up is not None:
                 # A late reply to the final dot is awaited on its own thread: the caller has its
                 # answer, and the wait (up to [upstream] dot_timeout) holds none of its slots.
@@ -136,7 +139,9 @@ class Connection:
         self.conn.settimeout(SEND_TIMEOUT)
         self.conn.sendall(data)
 
-    def _log_broken(self, reason: str, priority: str) -> None:
+    def _log_broken(self, reason: str, priority: str, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dropped.inc(kind)
         log_event(self.config, priority, event="gate-request-dropped", uid=self.caller.uid,
              user=self.caller.user, pid=self.caller.pid, reason=reason)
 

@@ -29,3 +29,7 @@ class RootRefused(GateError):
 
 class LedgerNotReady(GateError):
     """The ledger's schema is not this version's."""
+
+
+class MetricsUnavailable(GateError):
+    """``[metrics] listen`` is set, and the gate cannot listen there."""

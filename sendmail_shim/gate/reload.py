@@ -13,6 +13,7 @@ from .errors import GateError
 from .events import log_event
 from .files import check_private_files
 from .guard import TrustGuard
+from .instruments import instrument
 
 # ------------------------------------------------------------------ reloading the config
 
@@ -21,7 +22,8 @@ from .guard import TrustGuard
 # and timeouts are shared by everything in flight, and the upload budget is shared out as it stands.
 RESTART_ONLY_GATE_KEYS = ("socket", "user", "backlog", "egress", "trust",
                           "upload_memory", "max_uploads_per_uid")  # and all of [ledger]
-_SECTIONS = ("upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log")
+RESTART_ONLY_METRICS_KEYS = ("listen",)  # its socket is bound at start, before any reload
+_SECTIONS = ("upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics")
 
 
 class ReloadRefused(Exception):
@@ -77,7 +79,10 @@ class Reloader:
             runtime, guard = self._runtime_for(applied)
         except (ConfigError, GateError, ReloadRefused, trust.TrustError, OSError) as exc:
             log_event(running, "err", event="gate-reload-failed", reason=str(exc), action="kept the running config")
+            self._count("failed")
             return
+        instrument(runtime, self.gate.metrics)
+        self._count("applied")
         old_guard = self.gate.guard
         old = self.gate.switch(runtime, guard, restart_needed)
         if self.gate.recorder is not None:  # its own lines and the summaries follow the new [log]
@@ -90,6 +95,10 @@ class Reloader:
                         "(systemctl restart sendmail-shim-gate); the running gate keeps the old values")
         if old.upstream is not runtime.upstream:
             threading.Thread(target=self._retire, args=(old, old_guard), name="gate-retire", daemon=True).start()
+
+    def _count(self, result: str) -> None:
+        if self.gate.metrics is not None:
+            self.gate.metrics.reloads.inc(result)
 
     def _runtime_for(self, config: Config) -> tuple[Runtime, TrustGuard]:
         """The runtime for ``config``: the running upstream when it is unchanged, else a verified new one."""
@@ -131,7 +140,10 @@ def applicable(running: Config, loaded: Config) -> tuple[Config, tuple[str, ...]
     kept_gate = {key: getattr(running.gate, key) for key in RESTART_ONLY_GATE_KEYS}
     restart_needed = [f"gate.{key}" for key, value in kept_gate.items() if getattr(loaded.gate, key) != value]
     restart_needed += [f"ledger.{name}" for name in _changed_fields(running.ledger, loaded.ledger)]
-    applied = dataclasses.replace(loaded, ledger=running.ledger, gate=dataclasses.replace(loaded.gate, **kept_gate))
+    kept_metrics = {key: getattr(running.metrics, key) for key in RESTART_ONLY_METRICS_KEYS}
+    restart_needed += [f"metrics.{key}" for key, value in kept_metrics.items() if getattr(loaded.metrics, key) != value]
+    applied = dataclasses.replace(loaded, ledger=running.ledger, gate=dataclasses.replace(loaded.gate, **kept_gate),
+                                  metrics=dataclasses.replace(loaded.metrics, **kept_metrics))
     return applied, tuple(restart_needed)
 
 

@@ -18,7 +18,9 @@ from .errors import GateError, LedgerNotReady, RootRefused
 from .events import log_event
 from .files import check_private_files
 from .guard import Prober, TrustGuard
+from .instruments import GateMetrics, instrument
 from .listener import Listener, inherited_socket, notify_systemd_ready, open_listener
+from .metrics_http import MetricsServer, open_metrics_server
 from .recorder import Recorder
 from .reload import Reloader
 
@@ -38,6 +40,8 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
     identity = serving_identity(config, user)
     egress, prober = _egress_as_root(config, identity)
     inherited = inherited_socket()
+    # Bound while root is still there: a UNIX socket may go in root's /run/sendmail-shim.
+    metrics, exporter = _metrics(config, identity, lambda: gate.runtime)
     if os.geteuid() == 0:
         drop_privileges(identity)
     check_private_files(config)
@@ -51,7 +55,7 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
     listener = open_listener(config.gate, inherited)
     report_unsettled(runtime)  # before the first caller: every reservation of ours now is a dead run's
     recorder = Recorder(config)
-    gate = Gate(listener, runtime, guard, recorder, UploadBudget(config))
+    gate = Gate(listener, instrument(runtime, metrics), guard, recorder, UploadBudget(config), metrics)
     reloader = Reloader(gate, identity)
     housekeeping = runtime.ledger.housekeeping(lambda event, fields: log_event(
         gate.config, "warning" if fields.get("failed") else "info", event=event, **fields))
@@ -59,12 +63,17 @@ def serve(config: Config, *, user: str | None = None, ready: Callable[[], None] 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: gate.stop())
         signal.signal(signal.SIGHUP, lambda *_: reloader.request())
-    log_event(config, "info", event="gate-start", **start_fields(config, runtime, listener, guard))
+    log_event(config, "info", event="gate-start", **start_fields(config, runtime, listener, guard),
+              metrics=exporter.where if exporter else None)
+    if exporter is not None:
+        exporter.start()
     (ready or notify_systemd_ready)()
     housekeeping.start()  # timed-out reservations every minute, pruning every hour
     try:
         gate.run()
     finally:
+        if exporter is not None:
+            exporter.close()
         reloader.close()
         housekeeping.stop()
         gate.guard.close()
@@ -93,6 +102,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"sendmail-shim: {exc}\n")
         code = exitcodes.exit_code_for(exc)
     sys.exit(code)
+
+
+def _metrics(config: Config, identity: trust.Identity,
+             runtime: Callable[[], Runtime]) -> tuple[GateMetrics | None, MetricsServer | None]:
+    """The gate's metrics and their server, when ``[metrics] listen`` is set (bound now, started later)."""
+    if config.metrics.listen is None:
+        return None, None
+    metrics = GateMetrics(runtime)
+    return metrics, open_metrics_server(config.metrics, metrics.render, identity)
 
 
 # ------------------------------------------------------------------ who the gate runs as

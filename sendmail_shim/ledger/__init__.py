@@ -30,8 +30,17 @@ from .errors import (
 )
 from .facade import Ledger
 from .inputs import SCOPES, canonical_address, canonical_domain, parse_expiry
-from .journal import DECISION_ALIASES, DECISION_FIELDS, AuditEntry, Decision
-from .rates import OUTCOMES, Override, Reservation, ResetMarker, RuleUsage, SendRecord, UnsettledSend
+from .journal import DECISION_ALIASES, DECISION_FIELDS, AuditEntry, Decision, DecisionCount
+from .overview import SubjectUsage
+from .rates import (
+    OUTCOMES,
+    Override,
+    Reservation,
+    ResetMarker,
+    RuleUsage,
+    SendRecord,
+    UnsettledSend,
+)
 from .retention import PruneReport
 from .schema import MIGRATIONS, SchemaStatus
 from .spf_cache import SqlSpfCache
@@ -40,9 +49,9 @@ from .windows import COUNTED_STATES
 
 __all__ = [
     "COUNTED_STATES", "DECISION_ALIASES", "DECISION_FIELDS", "MIGRATIONS", "OUTCOMES", "SCOPES",
-    "AccountEntry", "AuditEntry", "Conflict", "Customer", "Decision", "InvalidInput", "Ledger",
+    "AccountEntry", "AuditEntry", "Conflict", "Customer", "Decision", "DecisionCount", "InvalidInput", "Ledger",
     "LedgerError", "LedgerNotInitialised", "LedgerUnavailable", "LimitNeverFits", "LimitReached",
     "Override", "PruneReport", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
-    "SqlSpfCache", "Tx", "UnknownSubject", "UnsettledSend", "UnsupportedLedger", "canonical_address",
+    "SqlSpfCache", "SubjectUsage", "Tx", "UnknownSubject", "UnsettledSend", "UnsupportedLedger", "canonical_address",
     "canonical_domain", "format_delay", "format_instant", "format_utc", "iso_utc", "parse_expiry",
 ]

@@ -14,8 +14,18 @@ from typing import TYPE_CHECKING
 from ..limits import Rule
 from .connections import Tx
 from .directory import AccountEntry, Customer, Directory
-from .journal import AuditEntry, Decision, Journal, insert_decision
-from .rates import Override, Rates, Reservation, ResetMarker, RuleUsage, Sender, SendRecord, UnsettledSend
+from .journal import AuditEntry, Decision, DecisionCount, Journal, insert_decision
+from .overview import SubjectUsage, usage_of_every_customer
+from .rates import (
+    Override,
+    Rates,
+    Reservation,
+    ResetMarker,
+    RuleUsage,
+    Sender,
+    SendRecord,
+    UnsettledSend,
+)
 from .retention import Housekeeping, PruneReport, prune, resolve_all_stale
 from .schema import SchemaStatus
 from .spf_cache import SqlSpfCache
@@ -170,6 +180,10 @@ class Ledger:
     def usage(self, scope: str, subject: str, now: float | None = None) -> list[RuleUsage]:
         return self.rates.usage(scope, subject, now)
 
+    def usage_of_every_customer(self, now: float | None = None) -> list[SubjectUsage]:
+        """Each customer's rules and their use now, in one read (for the metrics)."""
+        return usage_of_every_customer(self.rates, now)
+
     def list_sends(self, scope: str, subject: str, *, counted_only: bool = False) -> list[SendRecord]:
         return self.rates.list_sends(scope, subject, counted_only=counted_only)
 
@@ -214,6 +228,10 @@ class Ledger:
 
     def top_scripts(self, scope: str, subject: str, since: float, limit: int = 3) -> list[tuple[str, int]]:
         return self.journal.top_scripts(scope, subject, since, limit)
+
+    def decision_counts(self, since: float) -> list[DecisionCount]:
+        """Decisions since ``since``, by verdict and stage (for the metrics' textfile)."""
+        return self.journal.decision_counts(since)
 
     def audit_log(self, limit: int = 50, *, subject: str | None = None) -> list[AuditEntry]:
         return self.journal.audit_log(limit, subject=subject)

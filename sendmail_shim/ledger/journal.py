@@ -39,6 +39,15 @@ class Decision(NamedTuple):
     extra: str | None  # other fields of the decision, as key=value text
 
 
+class DecisionCount(NamedTuple):
+    """Decisions of one verdict and stage since some instant, and their recipients."""
+
+    verdict: str
+    stage: str | None
+    messages: int
+    recipients: int
+
+
 class AuditEntry(NamedTuple):
     id: int
     at: float
@@ -129,6 +138,13 @@ class Journal:
                 {"k": key, "since": since, "n": limit},
             )
         return [(str(r[0]), int(r[1])) for r in rows]
+
+    def decision_counts(self, since: float) -> list[DecisionCount]:
+        """Decisions made since ``since`` (epoch seconds), by verdict and stage."""
+        with self.store.read() as tx:
+            rows = tx.rows("SELECT verdict, stage, count(*), coalesce(sum(recipients), 0) FROM decisions "
+                           "WHERE at >= :since GROUP BY verdict, stage ORDER BY verdict, stage", {"since": since})
+        return [DecisionCount(str(r[0] or ""), r[1], int(r[2]), int(r[3])) for r in rows]
 
     def audit_log(self, limit: int = 50, *, subject: str | None = None) -> list[AuditEntry]:
         """The latest admin actions, newest first."""

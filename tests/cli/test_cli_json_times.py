@@ -184,6 +184,8 @@ def run_every_json_command(shim: Shim, upstream: SmtpUpstream, dns: DnsServer) -
     run("queue", "run")
     run("queue", "delete", waiting[0]["id"])
     run("db", "prune")
+    run("metrics", "show")
+    run("metrics", "write", "--textfile", str(shim.dir / "sendmail-shim.prom"))
     run("account", "remove", "info@kunde2.example")
     run("doctor", "--gate-user", os.environ.get("USER") or "root", findings=True)
     docs[("serve",)] = serve_json(shim)
@@ -202,7 +204,8 @@ def test_every_time_in_every_json_document_is_iso_8601_utc(shim: Shim, upstream:
     assert "bounce" in {e["kind"] for e in entries}
     assert {"delivered", "failed", "pending"} <= {r["state"] for e in entries for r in e["recipients"]}
     # the rows were real: their times were there to check
-    assert {"created_at", "next_attempt_at", "expires_at", "at", "checked_at", "kept_since"} <= seen, seen
+    assert {"created_at", "next_attempt_at", "expires_at", "at", "checked_at", "kept_since", "generated_at",
+            "written_at"} <= seen, seen
 
 
 @pytest.mark.parametrize(("key", "value", "ok"), [

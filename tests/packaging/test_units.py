@@ -73,3 +73,20 @@ def test_reloading_the_gate_sends_it_sighup() -> None:
     """`systemctl reload sendmail-shim-gate` is the gate's SIGHUP (tests/gate/test_reload.py shows what it does)."""
     service = unit("sendmail-shim-gate.service")["Service"]
     assert shlex.split(service["ExecReload"]) == ["/bin/kill", "-HUP", "$MAINPID"]
+
+
+def test_the_metrics_textfile_is_written_every_minute_by_a_timer_as_the_service_user() -> None:
+    service = unit("sendmail-shim-metrics.service")["Service"]
+    assert service["Type"] == "oneshot"
+    assert service["User"] == service["Group"] == "sendmail-shim"
+    assert shlex.split(service["ExecStart"]) == ["/usr/bin/sendmail-shim", "metrics", "write"]
+    assert service["UMask"] == "0022"  # node-exporter, another user, must read the file
+    timer = unit("sendmail-shim-metrics.timer")
+    assert timer["Install"]["WantedBy"] == "timers.target"
+    spec = (REPO / "packaging/rpm/sendmail-shim.spec").read_text()
+    assert "sendmail-shim-metrics.service sendmail-shim-metrics.timer" in spec  # enabled by neither package
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is needed")
+    shown = subprocess.run(["systemd-analyze", "calendar", timer["Timer"]["OnCalendar"]],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "Normalized form: *-*-* *:*:00" in shown

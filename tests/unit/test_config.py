@@ -163,3 +163,41 @@ def run_as(uid: int, path: Path) -> str:
                           group=pwd.getpwuid(uid).pw_gid, extra_groups=[], cwd="/")
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def test_metrics_are_off_by_default_and_name_at_most_ten_customers():
+    metrics = from_mapping(BASE).metrics
+    assert (metrics.listen, metrics.top_customers, metrics.textfile) == (None, 10, None)
+    tcp = from_mapping({**BASE, "metrics": {"listen": "[::1]:9525", "top_customers": 3}}).metrics
+    assert (tcp.address, tcp.unix_socket, tcp.top_customers) == (("::1", 9525), None, 3)
+    unix = from_mapping({**BASE, "metrics": {"listen": "/run/sendmail-shim/metrics.sock"}}).metrics
+    assert (unix.address, unix.unix_socket) == (None, "/run/sendmail-shim/metrics.sock")
+
+
+@pytest.mark.parametrize(("listen", "needle"), [
+    ("0.0.0.0:9525", "0.0.0.0 is not a loopback address"),
+    ("192.0.2.10:9525", "192.0.2.10 is not a loopback address"),
+    ("[::]:9525", ":: is not a loopback address"),
+    ("localhost:9525", "neither an IP address with a port"),
+    ("127.0.0.1", "neither an IP address with a port"),
+    ("127.0.0.1:99999", "neither an IP address with a port"),
+    ("metrics.sock", "neither an IP address with a port"),
+])
+def test_metrics_listen_refuses_anything_but_loopback_or_a_path(listen, needle):
+    with pytest.raises(ConfigError) as info:
+        from_mapping({**BASE, "metrics": {"listen": listen}}, "/etc/sendmail-shim/config.toml")
+    assert info.value.key == "metrics.listen" and needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("values", "key", "needle"), [
+    ({"top_customers": 101}, "metrics.top_customers", "between 0 and 100"),
+    ({"top_customers": -1}, "metrics.top_customers", "between 0 and 100"),
+    ({"textfile": "sendmail-shim.prom"}, "metrics.textfile", "absolute path ending in .prom"),
+    ({"textfile": "/var/lib/node-exporter/sendmail-shim.txt"}, "metrics.textfile", "ending in .prom"),
+    ({"port": 9525}, "metrics.port", "unknown key"),
+])
+def test_metrics_keys_are_checked(values, key, needle):
+    with pytest.raises(ConfigError) as info:
+        from_mapping({**BASE, "metrics": values})
+    assert info.value.key == key and needle in str(info.value)
