@@ -24,6 +24,7 @@ from .times import US
 
 if TYPE_CHECKING:
     from ..config import Config, LedgerConfig, LimitsConfig
+    from .report import Report
 
 
 class Ledger:
@@ -214,6 +215,12 @@ class Ledger:
 
     def top_scripts(self, scope: str, subject: str, since: float, limit: int = 3) -> list[tuple[str, int]]:
         return self.journal.top_scripts(scope, subject, since, limit)
+
+    def report(self, by: str, since: float, until: float) -> Report:
+        """Sent, queued, refused and bounced in [since, until), by account, customer, script or uid."""
+        from .report import build
+
+        return build(self.store, by, since, until)
 
     def audit_log(self, limit: int = 50, *, subject: str | None = None) -> list[AuditEntry]:
         return self.journal.audit_log(limit, subject=subject)
