@@ -36,8 +36,8 @@ def site_script(gate: Deployment, user: User, name: str, text: str) -> Path:
 
 
 def run_php(gate: Deployment, script: Path, user: User) -> str:
-    result = run_process(["php", "-n", "-d", "mail.add_x_header=On", "-d", f"sendmail_path={gate.bin / 'sendmail'} -t -i",
-                          str(script)], env=gate.client_env(), cwd=str(script.parent), options=user.run_options())
+    path = f"sendmail_path={gate.bin / 'sendmail'} -t -i"
+    result = run_process(["php", "-n", "-d", "mail.add_x_header=On", "-d", path, str(script)], env=gate.client_env(), cwd=str(script.parent), options=user.run_options())
     assert result.code == 0, result.stderr
     return result.stdout.decode() + result.stderr
 
@@ -117,7 +117,9 @@ def test_report_counts_a_known_mix_of_sent_refused_and_queued(gate: Deployment, 
     assert lines[3].strip() == "refused: LimitReached 1"
     assert lines[4].strip().startswith("scripts: ") and lines[4].endswith(f", {a.uid}:kontakt.php (2)")
     assert lines[5].split() == ["post@b.example", "1", "0", "0", "0", "2", b.name]
-    assert lines[6].split() == ["nobody@a.example", "0", "0", "1", "0", "0", a.name]
+    assert lines[6].strip().startswith("scripts: ")
+    assert lines[7].split() == ["nobody@a.example", "0", "0", "1", "0", "0", a.name]
+    assert lines[8].strip() == "refused: UnknownAccount 1"
 
 
 def test_a_forged_header_is_recorded_bounded_and_clean(gate: Deployment, relay: SmtpUpstream) -> None:
@@ -152,11 +154,7 @@ print(sock.recv(4096))
 """
     result = gate.run_as(gate.users.a, code)
     assert result.code == 0, result.stderr
-    assert b"2.0.0 sent" in result.stdout
-    gate.wait_for_log("verdict=sent")
-    print(gate.admin("report", "--since", "1h", "--by", "uid", "--json"))
-    wait_for_decisions(gate, 1)
-    line = gate.wait_for_log("verdict=sent")
+    line = gate.wait_for_log("verdict=sent")  # the child goes on after run_as returns
     assert f"user={gate.users.a.name}" in line and "exe=" not in line and "cwd=" not in line
     assert len(relay.received) == 1
 
