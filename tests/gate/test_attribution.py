@@ -37,7 +37,8 @@ def site_script(gate: Deployment, user: User, name: str, text: str) -> Path:
 
 def run_php(gate: Deployment, script: Path, user: User) -> str:
     path = f"sendmail_path={gate.bin / 'sendmail'} -t -i"
-    result = run_process(["php", "-n", "-d", "mail.add_x_header=On", "-d", path, str(script)], env=gate.client_env(), cwd=str(script.parent), options=user.run_options())
+    result = run_process(["php", "-n", "-d", "mail.add_x_header=On", "-d", path, str(script)],
+                         env=gate.client_env(), cwd=str(script.parent), options=user.run_options())
     assert result.code == 0, result.stderr
     return result.stdout.decode() + result.stderr
 
