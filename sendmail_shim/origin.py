@@ -97,7 +97,7 @@ def _program(pid: int) -> int | None:
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
-    """(command name, parent pid) from ``/proc/PID/stat``; None when the process is gone."""
+    """(command name, parent pid) from ``/proc/PID/stat``; None when the process is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             text = handle.read(1024)
@@ -106,8 +106,8 @@ def _stat(pid: int) -> tuple[str, int] | None:
     # "PID (NAME) STATE PPID ...": the name may itself hold ")" and spaces, so split at the last one.
     head, _, rest = text.rpartition(b")")
     fields = rest.split()
-    if not head or len(fields) < 2 or not fields[1].isdigit():
-        return None
+    if not head or len(fields) < 2 or not fields[1].isdigit() or fields[0] in (b"Z", b"X"):
+        return None  # a zombie has exited: its parent link no longer says who ran it
     return head.partition(b"(")[2].decode("utf-8", "replace"), int(fields[1])
 
 

@@ -140,9 +140,9 @@ def test_a_caller_that_is_gone_is_recorded_without_a_program(gate: Deployment, r
 import os, socket, sys, time
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect({str(gate.socket_path)!r})
+parent = os.getpid()
 if os.fork():
     os._exit(0)
-parent = os.getppid()
 while os.getppid() == parent:
     time.sleep(0.01)
 from sendmail_shim import gate_protocol as p
