@@ -28,6 +28,8 @@ class Caller:
     uid: int
     user: str | None  # the Unix user name of uid, if it has one
     pid: int | None = None
+    cwd: str | None = None  # of the program that ran sendmail, when known (see origin.py)
+    exe: str | None = None  # that program's executable, or its command line
 
     @classmethod
     def current(cls) -> Caller:

@@ -754,6 +754,81 @@ def audit_line(entry: AuditEntry) -> str:
     return line + (f"  {entry.detail}" if entry.detail else "")
 
 
+# ----------------------------------------------------------------- report
+
+SCRIPT_NOTE = ("scripts: X-PHP-Originating-Script (UID:file, PHP's mail.add_x_header), else the calling "
+               "program: its path in-process, its command line through the gate")
+
+
+def _report_time(text: str, now: float, option: str) -> float:
+    from .ledger import InvalidInput, parse_since
+
+    try:
+        return parse_since(text, now)
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+@cli.command("report", epilog=example("sendmail-shim report --since 24h --by script",
+                                      "sendmail-shim report --since 2026-12-01T00:00 --by customer --json"))
+@click.option("--since", "since_text", default="24h", show_default=True, metavar="WHEN",
+              help="Start: a duration before now (24h, 7d, 30m) or an ISO 8601 time (UTC unless it says).")
+@click.option("--until", "until_text", metavar="WHEN", help="End, in the same forms; default now.")
+@click.option("--by", "by", type=click.Choice(["account", "customer", "script", "uid"]), default="account",
+              show_default=True, help="What each line is.")
+@json_option
+@pass_state
+def report(state: State, since_text: str, until_text: str | None, by: str, as_json: bool) -> None:
+    """Sent, queued, refused (by reason) and bounced mail, recipients and the top scripts, per group.
+
+    Groups with the most mail (sent and queued) come first. Bounced counts the recipients the queue
+    gave up on in the range. The script is the X-PHP-Originating-Script header when PHP adds it
+    (mail.add_x_header = On), else the program that ran sendmail (see the admin guide).
+    """
+    now = time.time()
+    since = _report_time(since_text, now, "--since")
+    until = _report_time(until_text, now, "--until") if until_text else now
+    if since >= until:
+        raise click.BadParameter("the start must be before the end", param_hint="--since")
+    found = state.ledger.report(by, since, until)
+    show(as_json, report_doc(found), report_lines(found))
+
+
+def report_doc(found: Any) -> dict[str, Any]:
+    from .ledger.report import by_reason
+
+    groups = [{"key": g.key, "sent": g.sent, "queued": g.queued,
+               "refused": {"total": g.refused, "by_reason": by_reason(g)}, "bounced": g.bounced,
+               "recipients": g.recipients, "users": sorted(g.users),
+               "top_scripts": [{"script": name, "messages": n} for name, n in g.top_scripts]}
+              for g in found.groups]
+    return {"by": found.by, "since": iso(found.since), "until": iso(found.until), "groups": groups}
+
+
+def report_lines(found: Any) -> list[str]:
+    from .ledger import format_utc
+    from .ledger.report import by_reason
+
+    lines = [f"{found.by} report, {format_utc(found.since)} to {format_utc(found.until)}"]
+    if not found.groups:
+        return [*lines, "no mail in this time"]
+    keys = [str(g.key) if g.key is not None else "(none)" for g in found.groups]
+    width = max(len(found.by), *(len(k) for k in keys))
+    heads = ("SENT", "QUEUED", "REFUSED", "BOUNCED", "RECIPIENTS")
+    lines.append(f"{found.by.upper():<{width}}  " + "  ".join(f"{h:>7}" for h in heads) + "  USERS")
+    for key, g in zip(keys, found.groups, strict=True):
+        counts = (g.sent, g.queued, g.refused, g.bounced, g.recipients)
+        users = ", ".join(sorted(g.users)) or "-"
+        lines.append(f"{key:<{width}}  " + "  ".join(f"{n:>{max(7, len(h))}}" for n, h in zip(counts, heads,
+                                                                                              strict=True))
+                     + f"  {users}")
+        if g.refused:
+            lines.append("    refused: " + ", ".join(f"{reason} {n}" for reason, n in by_reason(g).items()))
+        if g.top_scripts and found.by != "script":
+            lines.append("    scripts: " + ", ".join(f"{name} ({n})" for name, n in g.top_scripts))
+    return [*lines, "", SCRIPT_NOTE]
+
+
 # ----------------------------------------------------------------- config
 
 

@@ -305,6 +305,24 @@ def _parse_or_fail(header: Header, qualify_domain: str | None = None) -> list[Ma
         raise MalformedMessage(f"the {header.name} header cannot be parsed ({exc})") from None
 
 
+ORIGINATING_SCRIPT = "X-PHP-Originating-Script"
+MAX_SCRIPT = 255  # characters of it recorded: the value is the caller's own, as long as it likes
+
+
+def originating_script(message: Message) -> str | None:
+    """``UID:script.php`` as PHP's ``mail.add_x_header`` writes it, cleaned for the record.
+
+    PHP puts its own header before the script's headers, so the first one is
+    PHP's; the UID in it is the script file's owner. The header itself is
+    forwarded unchanged (receivers read it too); only what is recorded is
+    bounded to MAX_SCRIPT characters and rid of control characters.
+    """
+    from .origin import clean
+
+    value = message.first(ORIGINATING_SCRIPT)
+    return clean(value, MAX_SCRIPT) if value is not None else None
+
+
 IDENTITY_HEADERS = ("From", "Sender", "Resent-From", "Resent-Sender")
 
 

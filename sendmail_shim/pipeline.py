@@ -95,7 +95,7 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
     answer (and commits together with other messages' records).
     """
     started = time.monotonic()
-    fields: dict[str, object] = {"uid": caller.uid, "user": caller.user, "size": len(raw)}
+    fields: dict[str, object] = {**caller_fields(caller), "size": len(raw)}
     reservation: Reservation | None = None
     outcome: str | None = None  # how the reservation is settled with the decision record
     follow_up: Callable[[], None] | None = None
@@ -133,6 +133,7 @@ def _prepare(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtim
     message = message_stage.parse(raw, invocation.ignore_dots, legacy_charset=cfg.legacy_charset,
                                   max_header_size=cfg.max_header_size)
     fields.update(message.repairs)
+    fields["script"] = message_stage.originating_script(message)
     defaults = envelope_stage.SenderDefaults(caller.user, lambda: _default_sender(runtime, caller))
     envelope = envelope_stage.build(invocation, message, cfg.qualify_domain, cfg.max_recipients, defaults)
     fields.update(sender=envelope.sender.key, rcpts=len(envelope.recipients), **envelope.repairs)
@@ -277,6 +278,11 @@ def record_together(records: Sequence[Record]) -> None:
             [(r.reservation, r.outcome, r.verdict.fields) for r in records])
 
 
+def caller_fields(caller: Caller) -> dict[str, object]:
+    """Who called, for the log line and the decision row; cwd and exe only when known."""
+    return {"uid": caller.uid, "user": caller.user, "cwd": caller.cwd, "exe": caller.exe}
+
+
 def _trace(runtime: Runtime, caller: Caller) -> str:
     who = f"userid {caller.uid}" + (f" ({caller.user})" if caller.user else "")
     return f"by {runtime.hostname} (sendmail-shim, from {who})"
@@ -322,6 +328,6 @@ def _refused(exc: Exception, fields: dict[str, object]) -> Verdict:
 
 def refuse(exc: Exception, caller: Caller, runtime: Runtime) -> Verdict:
     """A refusal that happened before ``submit`` (such as reading stdin), logged the same way."""
-    verdict = _refused(exc, {"uid": caller.uid, "user": caller.user})
+    verdict = _refused(exc, caller_fields(caller))
     Record(runtime, verdict, None, None)()
     return verdict

@@ -70,7 +70,7 @@ def _in_process(invocation: Invocation, config: Config, stdin: BinaryIO, stdout:
     from .pipeline import Caller, Runtime, refuse, submit
 
     runtime = Runtime(config)
-    caller = Caller.current()
+    caller = _with_origin(Caller.current())
     if invocation.mode == "smtp":
         return _smtp_session(invocation, stdin, stdout, caller, runtime)
     from .message import MessageError, read_input
@@ -82,6 +82,16 @@ def _in_process(invocation: Invocation, config: Config, stdin: BinaryIO, stdout:
     else:
         verdict = submit(invocation, raw, caller, runtime)
     return _say(stderr, verdict.line, verdict.code) if verdict.line else verdict.code
+
+
+def _with_origin(caller: Caller) -> Caller:
+    """In-process, the program behind sendmail is of the same uid: its executable is readable."""
+    import dataclasses
+
+    from .origin import of_this_process
+
+    found = of_this_process()
+    return dataclasses.replace(caller, cwd=found.cwd, exe=found.exe)
 
 
 def _smtp_session(invocation: Invocation, stdin: BinaryIO, stdout: BinaryIO, caller: Caller, runtime: Runtime) -> int:

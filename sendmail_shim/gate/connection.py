@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO, cast
 
-from .. import exitcodes
+from .. import exitcodes, origin
 from .. import gate_protocol as protocol
 from ..invocation import UsageError, parse_argv
 from ..message import MessageError, read_input
@@ -42,6 +43,7 @@ class Connection:
             if kind == protocol.QUERY:
                 self._answer_query(payload)
                 return
+            self._learn_origin()
             argv, upload = self._read_argv(payload)
             try:
                 verdict, record = self._decide(argv, upload)
@@ -81,6 +83,15 @@ class Connection:
                 record()
         with contextlib.suppress(protocol.ProtocolError, OSError):
             upload.drain()  # a refusal may come early; the rest of the request goes unread
+
+    def _learn_origin(self) -> None:
+        """The program behind the caller, read from /proc while the client is still there.
+
+        Read once the first frame is in: the client then waits for the verdict, so
+        its parents are still there, and the rest of the request streams meanwhile.
+        """
+        found = origin.of_peer(self.caller.pid)
+        self.caller = dataclasses.replace(self.caller, cwd=found.cwd, exe=found.exe)
 
     def _answer_query(self, question: bytes) -> None:
         """Facts about the gate, for root and the gate's own user only."""

@@ -29,7 +29,7 @@ from .errors import (
     UnsupportedLedger,
 )
 from .facade import Ledger
-from .inputs import SCOPES, canonical_address, canonical_domain, parse_expiry
+from .inputs import SCOPES, canonical_address, canonical_domain, parse_expiry, parse_since
 from .journal import DECISION_ALIASES, DECISION_FIELDS, AuditEntry, Decision, DecisionCount
 from .overview import SubjectUsage
 from .rates import (
@@ -53,5 +53,5 @@ __all__ = [
     "LedgerError", "LedgerNotInitialised", "LedgerUnavailable", "LimitNeverFits", "LimitReached",
     "Override", "PruneReport", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
     "SqlSpfCache", "SubjectUsage", "Tx", "UnknownSubject", "UnsettledSend", "UnsupportedLedger", "canonical_address",
-    "canonical_domain", "format_delay", "format_instant", "format_utc", "iso_utc", "parse_expiry",
+    "canonical_domain", "format_delay", "format_instant", "format_utc", "iso_utc", "parse_expiry", "parse_since",
 ]

@@ -34,6 +34,7 @@ from .times import US
 
 if TYPE_CHECKING:
     from ..config import Config, LedgerConfig, LimitsConfig
+    from .report import Report
 
 
 class Ledger:
@@ -232,6 +233,12 @@ class Ledger:
     def decision_counts(self, since: float) -> list[DecisionCount]:
         """Decisions since ``since``, by verdict and stage (for the metrics' textfile)."""
         return self.journal.decision_counts(since)
+
+    def report(self, by: str, since: float, until: float) -> Report:
+        """Sent, queued, refused and bounced in [since, until), by account, customer, script or uid."""
+        from .report import build
+
+        return build(self.store, by, since, until)
 
     def audit_log(self, limit: int = 50, *, subject: str | None = None) -> list[AuditEntry]:
         return self.journal.audit_log(limit, subject=subject)

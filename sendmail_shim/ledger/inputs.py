@@ -82,3 +82,17 @@ def parse_expiry(text: str, now: float) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
+
+
+def parse_since(text: str, now: float) -> float:
+    """``24h``/``7d``/``30m`` before now, or an ISO date/time (UTC unless it says otherwise)."""
+    from ..config import parse_duration
+
+    seconds = parse_duration(text)
+    if seconds is not None:
+        return now - seconds
+    try:
+        return parse_expiry(text, now)
+    except InvalidInput:
+        raise InvalidInput(f"{text!r} is not a time; write a duration before now (24h, 7d, 30m) "
+                           f"or a UTC time (2026-06-01T12:00)") from None

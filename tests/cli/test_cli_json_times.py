@@ -175,6 +175,7 @@ def run_every_json_command(shim: Shim, upstream: SmtpUpstream, dns: DnsServer) -
     run("usage", "reset", "--customer", "kunde", "--reason", "forgiven")
     run("override", "rm", str(made["id"]))
     run("log")
+    run("report", "--since", "24h", "--by", "script")
     docs[("log", "--audit")] = admin_json(shim, "log", "--audit")
     run("config", "check")
     run("spf", "check", "kunde.example")
