@@ -769,8 +769,7 @@ def _report_time(text: str, now: float, option: str) -> float:
         raise click.BadParameter(str(exc), param_hint=option) from None
 
 
-@cli.command("report", epilog=example("sendmail-shim report --since 24h --by script",
-                                      "sendmail-shim report --since 2026-12-01T00:00 --by customer --json"))
+@cli.command("report", epilog=example("sendmail-shim report --since 24h --by script"))
 @click.option("--since", "since_text", default="24h", show_default=True, metavar="WHEN",
               help="Start: a duration before now (24h, 7d, 30m) or an ISO 8601 time (UTC unless it says).")
 @click.option("--until", "until_text", metavar="WHEN", help="End, in the same forms; default now.")
