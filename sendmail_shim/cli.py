@@ -159,7 +159,9 @@ def account_doc(account: AccountEntry, customer: Customer | None = None) -> dict
     is_default, users = default_sender_uses(account, customer)
     return {"address": account.address, "customer": account.customer_id,
             "authenticated": account.authenticated, "blocked": account.blocked,
-            "block_reason": account.block_reason, "default_sender": is_default,
+            "block_reason": account.block_reason, "blocked_by": account.blocked_by,
+            "blocked_at": iso(account.blocked_at),
+            "default_sender": is_default,
             "default_sender_unix_users": users}
 
 
@@ -190,9 +192,13 @@ def usage_doc(usage: RuleUsage) -> dict[str, Any]:
 
 
 def account_line(account: AccountEntry, customer: Customer | None = None) -> str:
+    from .ledger import format_utc
+
     state = "authenticated" if account.authenticated else "not authenticated"
     if account.blocked:
-        state += f", BLOCKED ({account.block_reason or 'no reason given'})"
+        by = " AUTOMATICALLY" if account.blocked_by == "auto" else ""
+        since = f" since {format_utc(account.blocked_at)}" if account.blocked_at is not None else ""
+        state += f", BLOCKED{by}{since} ({account.block_reason or 'no reason given'})"
     is_default, users = default_sender_uses(account, customer)
     if is_default:
         state += ", default sender"
@@ -320,7 +326,7 @@ def db_prune(state: State, as_json: bool) -> None:
     report = state.ledger.prune()
     removed = {"sends": report.sends, "usage_buckets": report.usage_buckets,
                "queue_messages": report.queue_messages, "decisions": report.decisions,
-               "spf_verdicts": report.spf_verdicts}
+               "spf_verdicts": report.spf_verdicts, "outcomes": report.outcomes}
     kept = {"sends": iso(report.sends_before), "queue_messages": iso(report.queue_before),
             "decisions": iso(report.decisions_before)}
     text = ["removed " + ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in removed.items()),
@@ -538,7 +544,11 @@ def account_remove(state: State, address: str, as_json: bool) -> None:
 @json_option
 @pass_state
 def account_list(state: State, customer_id: str | None, as_json: bool) -> None:
-    """List accounts with their customer and state."""
+    """List accounts with their customer and state.
+
+    A block says who made it: blocked_by is "admin" (account block) or "auto" (the [abuse]
+    rules, with a reason starting "auto:"), and blocked_at when (ISO 8601 UTC in --json).
+    """
     accounts = state.ledger.list_accounts(customer_id)
     owners = {c.id: c for c in state.ledger.list_customers(customer_id)}
     show(as_json, [account_doc(a, owners.get(a.customer_id)) for a in accounts],
@@ -891,7 +901,19 @@ def _config_summary(loaded: Config) -> dict[str, Any]:
         "customer_limits": [str(r) for r in loaded.limits.customer],
         "gate": loaded.gate.socket or "off (in-process)",
         "metrics": loaded.metrics.listen or "off",
+        "abuse": _abuse_summary(loaded),
     }
+
+
+def _abuse_summary(loaded: Config) -> str:
+    from .limits import describe_window
+
+    cfg = loaded.abuse
+    if not cfg.enabled:
+        return "off (no automatic blocks)"
+    return (f"block at a share of {cfg.failed_share:g} failed or deferred recipients (at least {cfg.failed_min}) "
+            f"in {describe_window(cfg.failed_window)}, or more than {cfg.limit_refusals} refusals by the limits "
+            f"in {describe_window(cfg.limit_window)}")
 
 
 def _running_gate(loaded: Config) -> dict[str, Any] | None:
