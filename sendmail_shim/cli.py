@@ -196,9 +196,10 @@ def account_line(account: AccountEntry, customer: Customer | None = None) -> str
 
     state = "authenticated" if account.authenticated else "not authenticated"
     if account.blocked:
-        by = " AUTOMATICALLY" if account.blocked_by == "auto" else ""
-        since = f" since {format_utc(account.blocked_at)}" if account.blocked_at is not None else ""
-        state += f", BLOCKED{by}{since} ({account.block_reason or 'no reason given'})"
+        # An automatic block stands out, with when: the admin did not make it and may not know of it.
+        auto = account.blocked_by == "auto" and account.blocked_at is not None
+        by = f" AUTOMATICALLY since {format_utc(account.blocked_at or 0)}" if auto else ""
+        state += f", BLOCKED{by} ({account.block_reason or 'no reason given'})"
     is_default, users = default_sender_uses(account, customer)
     if is_default:
         state += ", default sender"
@@ -319,8 +320,8 @@ def db_prune(state: State, as_json: bool) -> None:
     """Delete what retention no longer keeps, and resolve timed-out reservations.
 
     Sends older than the longest window (plus a day), finished queue messages
-    older than [ledger] keep_queue and decisions older than [ledger]
-    keep_decisions go; the audit log stays. Usage is the same before and after.
+    older than [ledger] keep_queue, decisions older than [ledger] keep_decisions
+    and recipient outcomes (for [abuse]) older than a day go; the audit log stays. Usage is the same before and after.
     The gate prunes by itself every hour; run this from a timer without one.
     """
     report = state.ledger.prune()
@@ -524,7 +525,10 @@ def account_block(state: State, address: str, reason: str | None, as_json: bool)
 @json_option
 @pass_state
 def account_unblock(state: State, address: str, reason: str | None, as_json: bool) -> None:
-    """Lift an account's block."""
+    """Lift an account's block, by an admin or automatic ([abuse]).
+
+    What the account did before now no longer counts towards an automatic block.
+    """
     found = state.ledger.unblock(address, reason, actor=state.actor)
     show_account(state, found, as_json)
 

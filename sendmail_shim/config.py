@@ -166,7 +166,7 @@ MAX_ABUSE_WINDOW = 86400  # seconds; the ledger keeps recipient outcomes a day (
 class AbuseConfig:
     """[abuse]: when an account is blocked by itself. Without the section, never."""
 
-    enabled: bool = False
+    enabled: bool = True  # with the section; Config's default (no section) is off
     failed_share: float = 0.5  # of recipients failed (5xx) or deferred (4xx) in failed_window ...
     failed_min: int = 20  # ... once at least this many of them failed or were deferred
     failed_window: int = 3600
@@ -186,7 +186,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    abuse: AbuseConfig = field(default_factory=AbuseConfig)
+    abuse: AbuseConfig = field(default_factory=lambda: AbuseConfig(enabled=False))
     sha256: str | None = None  # of the file's bytes as loaded: which config a running gate holds
 
 
@@ -272,7 +272,7 @@ def from_mapping(data: dict[str, Any], path: str = "<config>") -> Config:
         queue=_queue(_Section(data, "queue", path)),
         log=_log(_Section(data, "log", path)),
         metrics=_metrics(_Section(data, "metrics", path)),
-        abuse=_abuse(_Section(data, "abuse", path), enabled="abuse" in data),
+        abuse=_abuse(_Section(data, "abuse", path), present="abuse" in data),
     )
 
 
@@ -577,10 +577,11 @@ def _metrics(s: _Section) -> MetricsConfig:
     return config
 
 
-def _abuse(s: _Section, *, enabled: bool) -> AbuseConfig:
+def _abuse(s: _Section, *, present: bool) -> AbuseConfig:
+    enabled = s.boolean("enabled", True) and present
     share = s.number("failed_share", 0.5, minimum=0, maximum=1)
     if share <= 0:
-        raise s.error("failed_share", f"{share!r} must be more than 0 and at most 1 (a share: 0.5 is half)")
+        raise s.error("failed_share", f"must be more than 0 and at most 1, not {share:g} (a share: 0.5 is half)")
     config = AbuseConfig(enabled=enabled, failed_share=share, failed_min=s.integer("failed_min", 20, 1),
                          failed_window=_abuse_window(s, "failed_window", 3600),
                          limit_refusals=s.integer("limit_refusals", 50, 1),

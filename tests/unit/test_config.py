@@ -205,6 +205,7 @@ def test_metrics_keys_are_checked(values, key, needle):
 
 def test_abuse_is_off_without_the_section_and_has_the_documented_defaults():
     assert from_mapping(BASE).abuse.enabled is False
+    assert from_mapping({**BASE, "abuse": {"enabled": False, "failed_min": 5}}).abuse.enabled is False
     abuse = from_mapping({**BASE, "abuse": {}}).abuse
     assert (abuse.enabled, abuse.failed_share, abuse.failed_min, abuse.failed_window) == (True, 0.5, 20, 3600)
     assert (abuse.limit_refusals, abuse.limit_window) == (50, 600)
