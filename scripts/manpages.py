@@ -395,6 +395,10 @@ SECTION_TEXT: dict[str, str] = {
     "queue": "A temporary upstream failure puts the message in a durable queue, retried with growing "
              "delays by sendmail-shim queue run; expiry or a permanent failure sends a bounce to the sender.",
     "log": "Every decision is logged as one line of key=value fields.",
+    "abuse": "Automatic blocks: an account whose recipients keep failing, or that keeps hitting the limits, "
+             "is blocked with a reason starting auto:, audited and logged (event=auto-block); sendmail-shim "
+             "account unblock lifts it, and only what the account does after that counts again. Without the "
+             "section there are no automatic blocks.",
     "metrics": "Prometheus metrics: served by the gate, or written for node-exporter's textfile collector "
                "by sendmail-shim metrics write. Off unless set.",
 }
@@ -495,6 +499,14 @@ KEY_TEXT: dict[str, str] = {
     "log.repeat_limit": "Lines with the same caller uid and reason written per window; the rest are "
                         "counted in one summary line (0: no limit).",
     "log.repeat_window": "The window of repeat_limit; its end writes the summary line.",
+    "abuse.enabled": "Whether the rules block accounts; with the section present they do unless this is false.",
+    "abuse.failed_share": "Block when the recipients the upstream refused (5xx) or deferred (4xx) at RCPT in "
+                          "failed_window are at least this share of the account's recipients then (more than "
+                          "0, at most 1) ...",
+    "abuse.failed_min": "... and at least this many of them failed or were deferred.",
+    "abuse.failed_window": "The window of failed_share and failed_min; at most a day.",
+    "abuse.limit_refusals": "Block after more refusals by the rate limits than this in limit_window.",
+    "abuse.limit_window": "The window of limit_refusals; at most a day.",
     "metrics.listen": "Where the gate serves GET /metrics: a loopback address and port (127.0.0.1:9525) or "
                       "the absolute path of a UNIX socket (mode 0660, the gate's group). Other addresses are "
                       "refused: the metrics name customers. Needs a restart to change.",

@@ -159,7 +159,9 @@ def account_doc(account: AccountEntry, customer: Customer | None = None) -> dict
     is_default, users = default_sender_uses(account, customer)
     return {"address": account.address, "customer": account.customer_id,
             "authenticated": account.authenticated, "blocked": account.blocked,
-            "block_reason": account.block_reason, "default_sender": is_default,
+            "block_reason": account.block_reason, "blocked_by": account.blocked_by,
+            "blocked_at": iso(account.blocked_at),
+            "default_sender": is_default,
             "default_sender_unix_users": users}
 
 
@@ -190,9 +192,14 @@ def usage_doc(usage: RuleUsage) -> dict[str, Any]:
 
 
 def account_line(account: AccountEntry, customer: Customer | None = None) -> str:
+    from .ledger import format_utc
+
     state = "authenticated" if account.authenticated else "not authenticated"
     if account.blocked:
-        state += f", BLOCKED ({account.block_reason or 'no reason given'})"
+        # An automatic block stands out, with when: the admin did not make it and may not know of it.
+        auto = account.blocked_by == "auto" and account.blocked_at is not None
+        by = f" AUTOMATICALLY since {format_utc(account.blocked_at or 0)}" if auto else ""
+        state += f", BLOCKED{by} ({account.block_reason or 'no reason given'})"
     is_default, users = default_sender_uses(account, customer)
     if is_default:
         state += ", default sender"
@@ -313,14 +320,14 @@ def db_prune(state: State, as_json: bool) -> None:
     """Delete what retention no longer keeps, and resolve timed-out reservations.
 
     Sends older than the longest window (plus a day), finished queue messages
-    older than [ledger] keep_queue and decisions older than [ledger]
-    keep_decisions go; the audit log stays. Usage is the same before and after.
+    older than [ledger] keep_queue, decisions older than [ledger] keep_decisions
+    and recipient outcomes (for [abuse]) older than a day go; the audit log stays. Usage is the same before and after.
     The gate prunes by itself every hour; run this from a timer without one.
     """
     report = state.ledger.prune()
     removed = {"sends": report.sends, "usage_buckets": report.usage_buckets,
                "queue_messages": report.queue_messages, "decisions": report.decisions,
-               "spf_verdicts": report.spf_verdicts}
+               "spf_verdicts": report.spf_verdicts, "outcomes": report.outcomes}
     kept = {"sends": iso(report.sends_before), "queue_messages": iso(report.queue_before),
             "decisions": iso(report.decisions_before)}
     text = ["removed " + ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in removed.items()),
@@ -518,7 +525,10 @@ def account_block(state: State, address: str, reason: str | None, as_json: bool)
 @json_option
 @pass_state
 def account_unblock(state: State, address: str, reason: str | None, as_json: bool) -> None:
-    """Lift an account's block."""
+    """Lift an account's block, by an admin or automatic ([abuse]).
+
+    What the account did before now no longer counts towards an automatic block.
+    """
     found = state.ledger.unblock(address, reason, actor=state.actor)
     show_account(state, found, as_json)
 
@@ -538,7 +548,11 @@ def account_remove(state: State, address: str, as_json: bool) -> None:
 @json_option
 @pass_state
 def account_list(state: State, customer_id: str | None, as_json: bool) -> None:
-    """List accounts with their customer and state."""
+    """List accounts with their customer and state.
+
+    A block says who made it: blocked_by is "admin" (account block) or "auto" (the [abuse]
+    rules, with a reason starting "auto:"), and blocked_at when (ISO 8601 UTC in --json).
+    """
     accounts = state.ledger.list_accounts(customer_id)
     owners = {c.id: c for c in state.ledger.list_customers(customer_id)}
     show(as_json, [account_doc(a, owners.get(a.customer_id)) for a in accounts],
@@ -890,7 +904,19 @@ def _config_summary(loaded: Config) -> dict[str, Any]:
         "customer_limits": [str(r) for r in loaded.limits.customer],
         "gate": loaded.gate.socket or "off (in-process)",
         "metrics": loaded.metrics.listen or "off",
+        "abuse": _abuse_summary(loaded),
     }
+
+
+def _abuse_summary(loaded: Config) -> str:
+    from .limits import describe_window
+
+    cfg = loaded.abuse
+    if not cfg.enabled:
+        return "off (no automatic blocks)"
+    return (f"block at a share of {cfg.failed_share:g} failed or deferred recipients (at least {cfg.failed_min}) "
+            f"in {describe_window(cfg.failed_window)}, or more than {cfg.limit_refusals} refusals by the limits "
+            f"in {describe_window(cfg.limit_window)}")
 
 
 def _running_gate(loaded: Config) -> dict[str, Any] | None:

@@ -159,6 +159,21 @@ class MetricsConfig:
         return _split_host_port(self.listen, default_port=None)
 
 
+MAX_ABUSE_WINDOW = 86400  # seconds; the ledger keeps recipient outcomes a day (retention.MARGIN)
+
+
+@dataclass(frozen=True)
+class AbuseConfig:
+    """[abuse]: when an account is blocked by itself. Without the section, never."""
+
+    enabled: bool = True  # with the section; Config's default (no section) is off
+    failed_share: float = 0.5  # of recipients failed (5xx) or deferred (4xx) in failed_window ...
+    failed_min: int = 20  # ... once at least this many of them failed or were deferred
+    failed_window: int = 3600
+    limit_refusals: int = 50  # more refusals by the limits than this in limit_window
+    limit_window: int = 600
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
@@ -171,6 +186,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    abuse: AbuseConfig = field(default_factory=lambda: AbuseConfig(enabled=False))
     sha256: str | None = None  # of the file's bytes as loaded: which config a running gate holds
 
 
@@ -239,7 +255,7 @@ def load(path: str | None = None) -> Config:
 
 
 def from_mapping(data: dict[str, Any], path: str = "<config>") -> Config:
-    known = {"upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics"}
+    known = {"upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics", "abuse"}
     for name in data:
         if name not in known:
             raise ConfigError(path, name, f"unknown section (known: {', '.join(sorted(known))})")
@@ -256,6 +272,7 @@ def from_mapping(data: dict[str, Any], path: str = "<config>") -> Config:
         queue=_queue(_Section(data, "queue", path)),
         log=_log(_Section(data, "log", path)),
         metrics=_metrics(_Section(data, "metrics", path)),
+        abuse=_abuse(_Section(data, "abuse", path), present="abuse" in data),
     )
 
 
@@ -558,6 +575,26 @@ def _metrics(s: _Section) -> MetricsConfig:
                            textfile=_metrics_textfile(s))
     s.done()
     return config
+
+
+def _abuse(s: _Section, *, present: bool) -> AbuseConfig:
+    enabled = s.boolean("enabled", True) and present
+    share = s.number("failed_share", 0.5, minimum=0, maximum=1)
+    if share <= 0:
+        raise s.error("failed_share", f"must be more than 0 and at most 1, not {share:g} (a share: 0.5 is half)")
+    config = AbuseConfig(enabled=enabled, failed_share=share, failed_min=s.integer("failed_min", 20, 1),
+                         failed_window=_abuse_window(s, "failed_window", 3600),
+                         limit_refusals=s.integer("limit_refusals", 50, 1),
+                         limit_window=_abuse_window(s, "limit_window", 600))
+    s.done()
+    return config
+
+
+def _abuse_window(s: _Section, key: str, default: int) -> int:
+    seconds = s.duration(key, default)
+    if seconds > MAX_ABUSE_WINDOW:
+        raise s.error(key, f"{seconds} s is longer than a day, the longest window the abuse rules count in")
+    return seconds
 
 
 def _metrics_listen(s: _Section) -> str | None:

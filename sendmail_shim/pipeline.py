@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import accounts, exitcodes, maillog, queue, spf
+from . import abuse, accounts, exitcodes, maillog, queue, spf
 from . import envelope as envelope_stage
 from . import message as message_stage
 from .accounts import Caller
@@ -24,9 +24,9 @@ from .config import Config
 from .encoding import too_long
 from .envelope import Envelope
 from .invocation import Invocation
-from .ledger import Ledger, LedgerError, Reservation
+from .ledger import Ledger, LedgerError, LimitReached, Outcome, Reservation
 from .message import Message
-from .relay import PendingReply, RelayError, RelayResult, ReplyPending, Upstream
+from .relay import PendingReply, RelayError, RelayResult, ReplyPending, Upstream, rcpt_replies
 
 if TYPE_CHECKING:
     from .dnsclient import Resolver
@@ -100,6 +100,7 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
     outcome: str | None = None  # how the reservation is settled with the decision record
     follow_up: Callable[[], None] | None = None
     timings: dict[str, float] = {}
+    replies: list[RelayResult] = []  # what the upstream said at RCPT, for the abuse rules
     try:
         message, envelope = _prepare(invocation, raw, caller, runtime, fields)
         account = _authorise(envelope, message, caller, runtime)
@@ -117,13 +118,28 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         queue.crash_point("pipeline:after-reserve")
         # From here on the message counts against the limits: it ends up sent, queued or released
         # (or, if this process dies first, expired after [ledger] reservation_timeout).
-        verdict, outcome, follow_up = _relay_or_queue(envelope, message, reservation, runtime, fields, timings)
+        verdict, outcome, follow_up = _relay_or_queue(envelope, message, reservation, runtime, fields, timings,
+                                                      replies)
     except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
         outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
+        counted = _counted(runtime, fields, replies, limited=isinstance(exc, LimitReached))
+    else:
+        counted = _counted(runtime, fields, replies)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
     verdict.timings.update(timings, decision=time.monotonic() - started)
-    return verdict, Record(runtime, verdict, reservation, outcome, follow_up)
+    return verdict, Record(runtime, verdict, reservation, outcome, follow_up, counted)
+
+
+def _counted(runtime: Runtime, fields: dict[str, object], replies: list[RelayResult], *,
+             limited: bool = False) -> Outcome | None:
+    """This message for the abuse rules: its recipients by the upstream's answer, or a refusal by a limit."""
+    account = fields.get("account")
+    if not runtime.config.abuse.enabled or account is None or not (replies or limited):
+        return None
+    rcpt = replies[0] if replies else RelayResult(0, "", ())
+    return Outcome(str(account), str(fields.get("customer")), accepted=len(rcpt.accepted),
+                   deferred=len(rcpt.deferred), failed=len(rcpt.refused), limited=int(limited))
 
 
 def _prepare(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime,
@@ -172,14 +188,16 @@ def _check_spf(envelope: Envelope, message: Message, runtime: Runtime) -> None:
 
 
 def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservation, runtime: Runtime,
-                    fields: dict[str, object], timings: dict[str, float],
+                    fields: dict[str, object], timings: dict[str, float], replies: list[RelayResult],
                     ) -> tuple[Verdict, str | None, Callable[[], None] | None]:
     """The verdict, how the reservation is still to be settled (None: the queue did it), and
-    what is left to do once the caller has its answer (the gate's wait for a late reply)."""
+    what is left to do once the caller has its answer (the gate's wait for a late reply).
+    ``replies`` gets what the recipients were told at RCPT, however the attempt ended."""
     relaying = time.monotonic()
     try:
         result = runtime.upstream.send(envelope, message, synchronous=True)
     except ReplyPending as late:
+        replies.append(late.pending.rcpt)
         timings["upstream"] = time.monotonic() - relaying
         if not runtime.config.queue.enabled:
             late.pending.abandon()
@@ -187,6 +205,7 @@ def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservati
         return _awaiting(late, envelope, message, reservation, runtime, fields)
     except RelayError as exc:
         timings["upstream"] = time.monotonic() - relaying
+        replies.extend(r for r in [rcpt_replies(exc)] if r is not None)
         if not (exc.temporary and runtime.config.queue.enabled):
             raise
         state = "uncertain" if exc.uncertain else "queued"  # the upstream may have it: one retry at most
@@ -195,6 +214,7 @@ def _relay_or_queue(envelope: Envelope, message: Message, reservation: Reservati
         # From here on the mail is safe: committed to the queue, it will be delivered or bounced.
         return _queued(queue_id, str(exc), exc.site_problem, fields, state), None, None
     timings["upstream"] = time.monotonic() - relaying
+    replies.append(result)
     if result.deferred:  # some recipients said "later": they wait in the queue, the rest have it
         queue_id = queue.enqueue(runtime.ledger, runtime.config.queue, reservation=reservation,
                                  envelope=envelope, message=message, delivered=result.accepted,
@@ -260,22 +280,28 @@ class Record:
     reservation: Reservation | None
     outcome: str | None  # how the reservation is settled; None: nothing to settle (or the queue did it)
     follow_up: Callable[[], None] | None = None  # for after the answer: the gate's wait for a late reply
+    counted: Outcome | None = None  # what the abuse rules count of this message; None: nothing
 
     def __call__(self) -> None:
         record_together([self])
 
 
 def record_together(records: Sequence[Record]) -> None:
-    """Log each decision, then settle the reservations and insert the decision rows in one commit."""
+    """Log each decision, then settle the reservations and insert the decision rows in one commit;
+    then judge the accounts whose messages gave the abuse rules a signal."""
     for record in records:
         fields = record.verdict.fields
         priority = "warning" if "alert" in fields else "info" if record.verdict.ok else "notice"
         maillog.write(record.runtime.config.log, fields, priority)
+    counted = [r.counted for r in records if r.counted is not None]
     # A ledger failure here leaves unsettled reservations counting (the safe side), and the
     # syslog lines above as the record of last resort.
     with contextlib.suppress(LedgerError):
         records[0].runtime.ledger.settle_and_record_all(
-            [(r.reservation, r.outcome, r.verdict.fields) for r in records])
+            [(r.reservation, r.outcome, r.verdict.fields) for r in records], counted)
+        if any(abuse.signals(c) for c in counted):
+            runtime = records[-1].runtime  # the newest config, should a reload have come in between
+            abuse.judge_all(runtime.config, runtime.ledger, counted)
 
 
 def caller_fields(caller: Caller) -> dict[str, object]:

@@ -45,6 +45,7 @@ class RelayError(Exception):
     temporary = True
     site_problem = False  # the relay itself is misbehaving: worth a loud log line for the admin
     uncertain = False  # the final dot went unanswered: the upstream may have the message
+    rcpt: RelayResult | None = None  # what each recipient got at RCPT, when the refusal came there
 
     def __init__(self, text: str, *, stage: str = "", code: int | None = None) -> None:
         super().__init__(text)
@@ -541,7 +542,9 @@ def _transaction(smtp: _Connection, host: str, envelope: Envelope, data: bytes, 
         stages.expect(smtp, "RSET", cfg.timeout)
         smtp.rset()
         if all_or_nothing:
-            raise _declined_recipients(declined)
+            error = _declined_recipients(declined)
+            error.rcpt = RelayResult(0, "", tuple(accepted), deferred, refused)
+            raise error
         return RelayResult(0, "no recipient accepted", (), deferred, refused)
     return _data(smtp, host, data, stages, RelayResult(0, "", tuple(accepted), deferred, refused))
 
@@ -710,6 +713,15 @@ def _declined_recipients(declined: list[RecipientReply]) -> RelayError:
 
 
 QUIT_WAIT = 5.0
+
+
+def rcpt_replies(exc: BaseException) -> RelayResult | None:
+    """What the recipients got at RCPT before the upstream failed or refused, if it got that far."""
+    if isinstance(exc, ReplyPending):
+        return exc.pending.rcpt
+    if isinstance(exc, UpstreamUncertain):
+        return exc.result
+    return exc.rcpt if isinstance(exc, RelayError) else None
 
 
 def _close(smtp: _Connection) -> None:

@@ -23,7 +23,7 @@ from .instruments import instrument
 RESTART_ONLY_GATE_KEYS = ("socket", "user", "backlog", "egress", "trust",
                           "upload_memory", "max_uploads_per_uid")  # and all of [ledger]
 RESTART_ONLY_METRICS_KEYS = ("listen",)  # its socket is bound at start, before any reload
-_SECTIONS = ("upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics")
+_SECTIONS = ("upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics", "abuse")
 
 
 class ReloadRefused(Exception):

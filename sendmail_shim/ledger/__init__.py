@@ -7,6 +7,7 @@ One module per concern, each over one ``Store`` (``store.py``):
 - ``directory``: customers, accounts, domains and Unix-user bindings;
 - ``rates`` and ``windows``: reservations, settlement, usage, overrides and resets;
 - ``journal``: the decision log and the audit log;
+- ``outcomes``: recipients failed, deferred or accepted, and refusals by the limits (the abuse rules);
 - ``spf_cache``: SPF verdicts shared by every process on this ledger;
 - ``retention``: pruning, timed-out reservations, the gate's housekeeping;
 - ``facade``: ``Ledger``, the one object the rest of the program holds.
@@ -31,6 +32,7 @@ from .errors import (
 from .facade import Ledger
 from .inputs import SCOPES, canonical_address, canonical_domain, parse_expiry, parse_since
 from .journal import DECISION_ALIASES, DECISION_FIELDS, AuditEntry, Decision, DecisionCount
+from .outcomes import Outcome, Tally
 from .overview import SubjectUsage
 from .rates import (
     OUTCOMES,
@@ -51,7 +53,8 @@ __all__ = [
     "COUNTED_STATES", "DECISION_ALIASES", "DECISION_FIELDS", "MIGRATIONS", "OUTCOMES", "SCOPES",
     "AccountEntry", "AuditEntry", "Conflict", "Customer", "Decision", "DecisionCount", "InvalidInput", "Ledger",
     "LedgerError", "LedgerNotInitialised", "LedgerUnavailable", "LimitNeverFits", "LimitReached",
-    "Override", "PruneReport", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
-    "SqlSpfCache", "SubjectUsage", "Tx", "UnknownSubject", "UnsettledSend", "UnsupportedLedger", "canonical_address",
-    "canonical_domain", "format_delay", "format_instant", "format_utc", "iso_utc", "parse_expiry", "parse_since",
+    "Outcome", "Override", "PruneReport", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
+    "SqlSpfCache", "SubjectUsage", "Tally", "Tx", "UnknownSubject", "UnsettledSend", "UnsupportedLedger",
+    "canonical_address", "canonical_domain", "format_delay", "format_instant", "format_utc", "iso_utc", "parse_expiry",
+    "parse_since",
 ]

@@ -16,7 +16,8 @@ from .inputs import canonical_address, check_identifier, check_reason
 from .journal import audit
 from .store import Store
 
-_ACCOUNT_COLUMNS = "address, customer_id, authenticated, blocked, block_reason"
+_ACCOUNT_COLUMNS = "address, customer_id, authenticated, blocked, block_reason, blocked_by, blocked_at"
+AUTO = "auto"  # accounts.blocked_by of a block the abuse rules made; "admin" for one made by hand
 _CUSTOMER_OF_USER = "SELECT customer_id FROM unix_users WHERE unix_user = :u"
 # A binding's own default sender, else its customer's.
 _DEFAULT_SENDER_OF_USER = ("SELECT COALESCE(u.default_sender, c.default_sender) FROM unix_users u "
@@ -31,6 +32,8 @@ class AccountEntry(NamedTuple):
     authenticated: bool
     blocked: bool
     block_reason: str | None
+    blocked_by: str | None = None  # "admin" or "auto" (the abuse rules); None when not blocked
+    blocked_at: float | None = None
 
     @property
     def domain(self) -> str:
@@ -47,7 +50,8 @@ class Customer(NamedTuple):
 
 
 def _entry(row: Sequence[Any]) -> AccountEntry:
-    return AccountEntry(row[0], row[1], bool(row[2]), bool(row[3]), row[4])
+    blocked_at = float(row[6]) if row[6] is not None else None
+    return AccountEntry(row[0], row[1], bool(row[2]), bool(row[3]), row[4], row[5], blocked_at)
 
 
 def account_entry(tx: Tx, address: str) -> AccountEntry | None:
@@ -270,12 +274,33 @@ class Directory:
 
     def block(self, address: str, reason: str | None = None, *, actor: str | None = None) -> AccountEntry:
         reason = check_reason(reason, required=False)
-        return self._set_flags(address, "block", {"blocked": 1, "block_reason": reason}, reason, actor)
+        return self._set_flags(address, "block", {"blocked": 1, "block_reason": reason, "blocked_by": "admin",
+                                                  "blocked_at": time.time()}, reason, actor)
 
     def unblock(self, address: str, reason: str | None = None, *,
                 actor: str | None = None) -> AccountEntry:
+        """Lift a block; what the account did before now no longer counts towards an automatic one."""
         reason = check_reason(reason, required=False)
-        return self._set_flags(address, "unblock", {"blocked": 0, "block_reason": None}, reason, actor)
+        return self._set_flags(address, "unblock", {"blocked": 0, "block_reason": None, "blocked_by": None,
+                                                    "blocked_at": None, "unblocked_at": time.time()},
+                               reason, actor)
+
+    def auto_block(self, address: str, reason: str, *, actor: str) -> AccountEntry | None:
+        """Block an account that is not blocked yet (the abuse rules); None when it already was.
+
+        The condition is in the UPDATE, so two gates judging the same account
+        at once block it once, and an admin's block is never replaced.
+        """
+        with self.store.write() as tx:
+            account = require_account(tx, address)
+            now = time.time()
+            changed = tx.run("UPDATE accounts SET blocked = 1, block_reason = :r, blocked_by = :by, "
+                             "blocked_at = :t, updated_at = :t WHERE address = :a AND blocked = 0",
+                             {"r": reason, "by": AUTO, "t": now, "a": account.address})
+            if not changed:
+                return None
+            audit(tx, "account block", account.address, reason, actor, now)
+            return require_account(tx, account.address)
 
     def _set_flags(self, address: str, action: str, values: dict[str, Any],
                    detail: str | None, actor: str | None) -> AccountEntry:

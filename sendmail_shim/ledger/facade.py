@@ -15,6 +15,7 @@ from ..limits import Rule
 from .connections import Tx
 from .directory import AccountEntry, Customer, Directory
 from .journal import AuditEntry, Decision, DecisionCount, Journal, insert_decision
+from .outcomes import Outcome, Tally, insert_outcome, tally
 from .overview import SubjectUsage, usage_of_every_customer
 from .rates import (
     Override,
@@ -158,6 +159,10 @@ class Ledger:
     def unblock(self, address: str, reason: str | None = None, *, actor: str | None = None) -> AccountEntry:
         return self.directory.unblock(address, reason, actor=actor)
 
+    def auto_block(self, address: str, reason: str, *, actor: str) -> AccountEntry | None:
+        """Block an account the abuse rules caught, unless it is blocked already (then None)."""
+        return self.directory.auto_block(address, reason, actor=actor)
+
     def list_accounts(self, customer_id: str | None = None) -> list[AccountEntry]:
         return self.directory.list_accounts(customer_id)
 
@@ -215,13 +220,21 @@ class Ledger:
         self.settle_and_record_all([(reservation, outcome, decision)])
 
     def settle_and_record_all(self, items: Sequence[tuple[Reservation | None, str | None,
-                                                          dict[str, object]]]) -> None:
-        """Several messages' settles (where there is a reservation to settle) and decision rows, one commit."""
+                                                          dict[str, object]]],
+                              outcomes: Sequence[Outcome] = ()) -> None:
+        """Several messages' settles (where there is a reservation to settle), decision rows and
+        recipient outcomes (for the abuse rules), one commit."""
         with self.store.write() as tx:
             for reservation, outcome, decision in items:
                 if reservation is not None and outcome is not None:
                     self.rates.settle_in(tx, reservation.id, outcome)
                 insert_decision(tx, decision)
+            for counted in outcomes:
+                insert_outcome(tx, counted)
+
+    def outcome_tally(self, account: str, *, failed_since: float, limited_since: float) -> Tally:
+        """An account's failed or deferred recipients and refusals by the limits (see ``outcomes``)."""
+        return tally(self.store, account, failed_since=failed_since, limited_since=limited_since)
 
     def recent_decisions(self, limit: int = 50, *, account: str | None = None,
                          customer: str | None = None) -> list[Decision]:

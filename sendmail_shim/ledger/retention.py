@@ -7,6 +7,7 @@ What is kept:
   queued, whatever its age: usage is exactly the same before and after;
 - finished queue messages for ``[ledger] keep_queue``;
 - decisions for ``[ledger] keep_decisions``;
+- recipient outcomes (for the abuse rules, whose windows are at most a day) for ``MARGIN``;
 - SPF verdicts until they expire;
 - the audit log, usage resets and overrides for good (admins make them, not traffic).
 
@@ -46,6 +47,7 @@ class PruneReport(NamedTuple):
     sends_before: float
     queue_before: float
     decisions_before: float
+    outcomes: int = 0
 
 
 def resolve_all_stale(store: Store, rates: Rates, now: float | None = None) -> int:
@@ -91,6 +93,7 @@ def prune(store: Store, rates: Rates, now: float | None = None) -> PruneReport:
         spf_verdicts=_in_batches(store, "spf_cache", "domain, ip", "expires_at < :cut", {"cut": at}),
         reservations_resolved=resolved,
         sends_before=sends_before, queue_before=queue_before, decisions_before=decisions_before,
+        outcomes=_in_batches(store, "outcomes", "id", "at < :cut", {"cut": at - MARGIN}),
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from .connections import Backend, SqlAlchemyBackend, prepare_sqlite_file
 
 MIGRATIONS = ("0001_initial", "0002_queue", "0003_store", "0004_default_sender", "0005_unconfirmed",
-              "0006_send_holder", "0007_operations")
+              "0006_send_holder", "0007_operations", "0008_abuse")
 _PG_ADVISORY_UPGRADE_LOCK = 7_352_001
 
 
@@ -310,6 +310,33 @@ def _migrate_0007_operations(connection: Any, sa: Any) -> None:
     md.create_all(connection)
 
 
+def _migrate_0008_abuse(connection: Any, sa: Any) -> None:
+    """What the automatic blocks judge by, and who blocked an account when.
+
+    ``outcomes`` holds one row per message the upstream answered at RCPT (how
+    many recipients it accepted, deferred with 4xx, refused with 5xx) and per
+    refusal by a limit; the abuse rules count them in a window, by account.
+    ``accounts`` gain when and by whom (``admin`` or ``auto``) they were
+    blocked, and when they were last unblocked: outcomes before that no
+    longer count, so a lifted block is a fresh start.
+    """
+    connection.execute(sa.text("ALTER TABLE accounts ADD COLUMN blocked_at DOUBLE PRECISION"))
+    connection.execute(sa.text("ALTER TABLE accounts ADD COLUMN blocked_by VARCHAR(16)"))
+    connection.execute(sa.text("ALTER TABLE accounts ADD COLUMN unblocked_at DOUBLE PRECISION"))
+    md = sa.MetaData()
+    big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+    sa.Table("outcomes", md, sa.Column("id", big_id, primary_key=True, autoincrement=True),
+             sa.Column("at", sa.Double, nullable=False, index=True),
+             sa.Column("account", sa.String(320), nullable=False),
+             sa.Column("customer_id", sa.String(64)),
+             sa.Column("accepted", sa.Integer, nullable=False),
+             sa.Column("deferred", sa.Integer, nullable=False),
+             sa.Column("failed", sa.Integer, nullable=False),
+             sa.Column("limited", sa.Integer, nullable=False),
+             sa.Index("outcomes_account_at", "account", "at"))
+    md.create_all(connection)
+
+
 _MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
     "0001_initial": _migrate_0001_initial,
     "0002_queue": _migrate_0002_queue,
@@ -318,4 +345,5 @@ _MIGRATION_STEPS: dict[str, Callable[[Any, Any], None]] = {
     "0005_unconfirmed": _migrate_0005_unconfirmed,
     "0006_send_holder": _migrate_0006_send_holder,
     "0007_operations": _migrate_0007_operations,
+    "0008_abuse": _migrate_0008_abuse,
 }

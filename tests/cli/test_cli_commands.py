@@ -74,12 +74,14 @@ def test_account_life_cycle(ready: Invoke) -> None:
                            "--json"))
     assert added == {"address": "info@kunde.example", "customer": "kunde1",
                      "authenticated": False, "blocked": False, "block_reason": None,
+                     "blocked_by": None, "blocked_at": None,
                      "default_sender": False, "default_sender_unix_users": []}
     assert document(ready("account", "authenticate", "info@kunde.example", "--json"))[
         "authenticated"] is True
     blocked = document(ready("account", "block", "info@kunde.example", "--reason",
                              "phishing kit found", "--json"))
-    assert (blocked["blocked"], blocked["block_reason"]) == (True, "phishing kit found")
+    assert (blocked["blocked"], blocked["block_reason"], blocked["blocked_by"]) == (True, "phishing kit found", "admin")
+    assert blocked["blocked_at"].endswith("Z")
     assert ready("account", "list", "--customer", "kunde1").stdout.splitlines() == [
         "info@kunde.example  customer=kunde1  authenticated, BLOCKED (phishing kit found)",
         "post@kunde.example  customer=kunde1  authenticated",
@@ -310,7 +312,7 @@ def test_db_prune_removes_what_retention_no_longer_keeps_and_says_so(ready: Invo
     assert result.exit_code == 0, result.output
     doc = document(result)
     assert doc["removed"] == {"sends": 1, "usage_buckets": 6, "queue_messages": 0, "decisions": 1,
-                              "spf_verdicts": 0}
+                              "spf_verdicts": 0, "outcomes": 0}
     assert doc["reservations_resolved"] == 1 and doc["ok"] is True
     for key in ("sends", "queue_messages", "decisions"):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", doc["kept_since"][key])
@@ -322,7 +324,7 @@ def test_db_prune_removes_what_retention_no_longer_keeps_and_says_so(ready: Invo
     text = ready("db", "prune")
     assert text.exit_code == 0
     assert text.stdout.splitlines()[0] == ("removed 0 sends, 0 usage buckets, 0 queue messages, 0 decisions, "
-                                           "0 spf verdicts")
+                                           "0 spf verdicts, 0 outcomes")
 
 
 def test_binding_a_unix_user_that_does_not_exist_is_65(invoke: Invoke, config_file: Path) -> None:

@@ -50,7 +50,8 @@ def test_a_control_panel_drives_the_cli(tmp_path: Path) -> None:
     listed = run("--config", str(config), "account", "list", "--json")
     assert json.loads(listed.stdout) == [{"address": "post@kunde.example", "customer": "kunde1",
                                           "authenticated": True, "blocked": False,
-                                          "block_reason": None, "default_sender": False,
+                                          "block_reason": None, "blocked_by": None, "blocked_at": None,
+                                          "default_sender": False,
                                           "default_sender_unix_users": []}]
     usage = json.loads(run("usage", "--customer", "kunde1", "--json", config=config).stdout)
     assert [(r["metric"], r["limit"], r["used"]) for r in usage["rules"]] == \

@@ -206,7 +206,7 @@ def test_every_time_in_every_json_document_is_iso_8601_utc(shim: Shim, upstream:
     assert {"delivered", "failed", "pending"} <= {r["state"] for e in entries for r in e["recipients"]}
     # the rows were real: their times were there to check
     assert {"created_at", "next_attempt_at", "expires_at", "at", "checked_at", "kept_since", "generated_at",
-            "written_at"} <= seen, seen
+            "written_at", "blocked_at"} <= seen, seen
 
 
 @pytest.mark.parametrize(("key", "value", "ok"), [

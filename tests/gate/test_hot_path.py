@@ -99,9 +99,9 @@ def test_bookkeeping_waiting_together_shares_one_commit(shim: Shim, upstream: Sm
     commits: list[int] = []
     settle_and_record_all = runtime.ledger.settle_and_record_all
 
-    def counted(items: list[Any]) -> None:  # the real call, counted
+    def counted(items: list[Any], *outcomes: Any) -> None:  # the real call, counted
         commits.append(len(items))
-        settle_and_record_all(items)
+        settle_and_record_all(items, *outcomes)
 
     runtime.ledger.settle_and_record_all = counted  # type: ignore[method-assign]
     caller = Caller.current()

@@ -94,7 +94,7 @@ def test_upgrade_adds_the_columns_to_an_existing_ledger(ledger_url: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     _old_ledger(ledger_url, monkeypatch)
     ledger = Ledger(ledger_url)
-    pending = ("0004_default_sender", "0005_unconfirmed", "0006_send_holder", "0007_operations")
+    pending = ("0004_default_sender", "0005_unconfirmed", "0006_send_holder", "0007_operations", "0008_abuse")
     assert ledger.schema_status().pending == pending
     assert ledger.upgrade() == list(pending)
     assert ledger.find_account("post@kunde.example") is not None  # the data stayed
@@ -115,11 +115,11 @@ def test_db_upgrade_command_upgrades_in_place(tmp_path: Path, monkeypatch: pytes
 
     refused = admin("customer", "show", "kunde1")
     assert refused.returncode == 78
-    assert ("missing 0004_default_sender, 0005_unconfirmed, 0006_send_holder, 0007_operations); "
+    assert ("missing 0004_default_sender, 0005_unconfirmed, 0006_send_holder, 0007_operations, 0008_abuse); "
             "run: sendmail-shim db upgrade" in refused.stderr)
     upgraded = json.loads(admin("db", "upgrade", "--json").stdout)
     assert upgraded["applied"] == ["0004_default_sender", "0005_unconfirmed", "0006_send_holder",
-                                   "0007_operations"]
+                                   "0007_operations", "0008_abuse"]
     assert upgraded["schema"] == list(MIGRATIONS)
     assert admin("customer", "set", "kunde1", "--default-sender", "post@kunde.example").returncode == 0
     shown = json.loads(admin("customer", "show", "kunde1", "--json").stdout)

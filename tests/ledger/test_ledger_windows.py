@@ -240,12 +240,12 @@ def test_db_upgrade_brings_a_0002_ledger_to_0003_in_place_with_its_usage(
     make_0002_ledger(ledger_url, monkeypatch)
     before = Ledger(ledger_url).schema_status()
     assert before.pending == ("0003_store", "0004_default_sender", "0005_unconfirmed", "0006_send_holder",
-                              "0007_operations")
+                              "0007_operations", "0008_abuse")
     config = write_config(tmp_path, ledger_url)
     result = CliRunner().invoke(cli, ["--config", str(config), "db", "upgrade", "--json"])
     assert result.exit_code == 0, result.output
     assert ('"applied": [\n    "0003_store",\n    "0004_default_sender",\n    "0005_unconfirmed",\n'
-            '    "0006_send_holder",\n    "0007_operations"\n  ]' in result.output)
+            '    "0006_send_holder",\n    "0007_operations",\n    "0008_abuse"\n  ]' in result.output)
     ledger = Ledger(ledger_url)
     assert ledger.schema_status().pending == ()
     kept = queue.show(ledger, "q1")  # the queued message is still waiting, with no unanswered dot

@@ -107,6 +107,8 @@ def test_the_global_options_are_documented(shown: dict[str, str]) -> None:
 
 MINIMAL: dict[str, Any] = {"upstream": {"host": "smtp.example.net"}, "spf": {"enabled": False}}
 WITH_SPF: dict[str, Any] = {"upstream": {"host": "smtp.example.net"}, "spf": {"relay_ips": ["192.0.2.25"]}}
+# [abuse] is off without the section: its keys' defaults are those of an [abuse] table left empty.
+WITH_ABUSE: dict[str, Any] = {**MINIMAL, "abuse": {}}
 
 
 def config_keys() -> list[tuple[str, str]]:
@@ -145,7 +147,7 @@ def test_the_config_has_the_contract_keys() -> None:
 def test_every_config_key_is_documented_with_the_default_the_parser_uses(
         section: str, key: str, shown: dict[str, str]) -> None:
     entry = " ".join(documented(shown, section, key).split())
-    base = WITH_SPF if (section, key) == ("spf", "enabled") else MINIMAL
+    base = WITH_SPF if (section, key) == ("spf", "enabled") else WITH_ABUSE if section == "abuse" else MINIMAL
     without_it = getattr(getattr(loaded(base), section), key)
     default = re.search(r"Default: (.+?)\.$", entry)
     if default is None:

@@ -201,3 +201,29 @@ def test_metrics_keys_are_checked(values, key, needle):
     with pytest.raises(ConfigError) as info:
         from_mapping({**BASE, "metrics": values})
     assert info.value.key == key and needle in str(info.value)
+
+
+def test_abuse_is_off_without_the_section_and_has_the_documented_defaults():
+    assert from_mapping(BASE).abuse.enabled is False
+    assert from_mapping({**BASE, "abuse": {"enabled": False, "failed_min": 5}}).abuse.enabled is False
+    abuse = from_mapping({**BASE, "abuse": {}}).abuse
+    assert (abuse.enabled, abuse.failed_share, abuse.failed_min, abuse.failed_window) == (True, 0.5, 20, 3600)
+    assert (abuse.limit_refusals, abuse.limit_window) == (50, 600)
+    tuned = from_mapping({**BASE, "abuse": {"failed_share": 1, "failed_window": "30m", "limit_window": 120}}).abuse
+    assert (tuned.failed_share, tuned.failed_window, tuned.limit_window) == (1.0, 1800, 120)
+
+
+@pytest.mark.parametrize(("values", "key", "needle"), [
+    ({"failed_share": 0}, "abuse.failed_share", "more than 0 and at most 1"),
+    ({"failed_share": 1.5}, "abuse.failed_share", "between 0 and 1"),
+    ({"failed_share": "half"}, "abuse.failed_share", "must be a number"),
+    ({"failed_min": 0}, "abuse.failed_min", "at least 1"),
+    ({"failed_window": "1w"}, "abuse.failed_window", "is not a duration"),
+    ({"limit_window": "2d"}, "abuse.limit_window", "longer than a day"),
+    ({"limit_refusals": 0}, "abuse.limit_refusals", "at least 1"),
+    ({"share": 0.5}, "abuse.share", "unknown key"),
+])
+def test_abuse_keys_are_checked(values, key, needle):
+    with pytest.raises(ConfigError) as info:
+        from_mapping({**BASE, "abuse": values})
+    assert info.value.key == key and needle in str(info.value)
