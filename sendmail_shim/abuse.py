@@ -31,10 +31,6 @@ from .limits import describe_window
 ACTOR = "sendmail-shim abuse"  # the audit log's actor of an automatic block
 
 
-class AbuseError(Exception):
-    """The abuse rules could not judge an account (the ledger failed); nothing was blocked."""
-
-
 @dataclass(frozen=True)
 class AutoBlock:
     """An account the abuse rules just blocked."""
@@ -62,7 +58,7 @@ def judge_all(config: Config, ledger: Ledger, outcomes: Iterable[Outcome]) -> li
             block = judge(config, ledger, outcome.account, outcome.customer_id or "")
         except LedgerError as exc:  # the next signal judges again; the log says why not now
             maillog.write(config.log, {"event": "auto-block-failed", "account": outcome.account,
-                                       "reason": str(AbuseError(f"the ledger failed: {exc}"))}, "warning")
+                                       "reason": f"the ledger failed: {exc}; nothing was blocked"}, "warning")
             continue
         if block is not None:
             blocks.append(block)
