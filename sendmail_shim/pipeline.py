@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import accounts, exitcodes, maillog, queue, spf
+from . import accounts, exitcodes, maillog, notify, queue, spf
 from . import envelope as envelope_stage
 from . import message as message_stage
 from .accounts import Caller
@@ -64,6 +64,13 @@ class Runtime:
         self.spf_cache = self.ledger.spf_cache()  # shared by every process and server on this ledger
         self.hostname = socket.gethostname()
         self.holder: str | None = None  # the gate's name on its reservations (see Ledger.claim_unsettled)
+        self._notifier: notify.Notifier | None = None
+
+    def notifier(self) -> notify.Notifier:
+        """Made on first use: most messages need none."""
+        if self._notifier is None:
+            self._notifier = notify.Notifier(self.config, self.ledger, self.upstream, self.hostname)
+        return self._notifier
 
     @property
     def require_binding(self) -> bool:
@@ -100,6 +107,7 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
     outcome: str | None = None  # how the reservation is settled with the decision record
     follow_up: Callable[[], None] | None = None
     timings: dict[str, float] = {}
+    notices: tuple[notify.Trigger, ...] = ()
     try:
         message, envelope = _prepare(invocation, raw, caller, runtime, fields)
         account = _authorise(envelope, message, caller, runtime)
@@ -118,12 +126,19 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         # From here on the message counts against the limits: it ends up sent, queued or released
         # (or, if this process dies first, expired after [ledger] reservation_timeout).
         verdict, outcome, follow_up = _relay_or_queue(envelope, message, reservation, runtime, fields, timings)
+        notices = notify.crossed(runtime.config.notify, reservation)
     except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
         outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
+        notices = notify.reached(runtime.config.notify, exc, _str_or_none(fields.get("account")),
+                                 _str_or_none(fields.get("customer")))
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
     verdict.timings.update(timings, decision=time.monotonic() - started)
-    return verdict, Record(runtime, verdict, reservation, outcome, follow_up)
+    return verdict, Record(runtime, verdict, reservation, outcome, follow_up, notices)
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _prepare(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime,
@@ -260,6 +275,7 @@ class Record:
     reservation: Reservation | None
     outcome: str | None  # how the reservation is settled; None: nothing to settle (or the queue did it)
     follow_up: Callable[[], None] | None = None  # for after the answer: the gate's wait for a late reply
+    notices: tuple[notify.Trigger, ...] = ()  # rules this message crossed or was stopped by
 
     def __call__(self) -> None:
         record_together([self])
@@ -276,6 +292,10 @@ def record_together(records: Sequence[Record]) -> None:
     with contextlib.suppress(LedgerError):
         records[0].runtime.ledger.settle_and_record_all(
             [(r.reservation, r.outcome, r.verdict.fields) for r in records])
+    # After the commit, so that the decision rows are there for the notice's top scripts.
+    for record in records:
+        if record.notices:
+            record.runtime.notifier().send_all(record.notices)
 
 
 def caller_fields(caller: Caller) -> dict[str, object]:

@@ -7,6 +7,7 @@ One module per concern, each over one ``Store`` (``store.py``):
 - ``directory``: customers, accounts, domains and Unix-user bindings;
 - ``rates`` and ``windows``: reservations, settlement, usage, overrides and resets;
 - ``journal``: the decision log and the audit log;
+- ``notices``: the claim that a notice about a limit or a block goes out once;
 - ``spf_cache``: SPF verdicts shared by every process on this ledger;
 - ``retention``: pruning, timed-out reservations, the gate's housekeeping;
 - ``facade``: ``Ledger``, the one object the rest of the program holds.
@@ -31,12 +32,14 @@ from .errors import (
 from .facade import Ledger
 from .inputs import SCOPES, canonical_address, canonical_domain, parse_expiry, parse_since
 from .journal import DECISION_ALIASES, DECISION_FIELDS, AuditEntry, Decision, DecisionCount
+from .notices import NOTICE_KINDS, Notice, NoticeClaim
 from .overview import SubjectUsage
 from .rates import (
     OUTCOMES,
     Override,
     Reservation,
     ResetMarker,
+    RuleLevel,
     RuleUsage,
     SendRecord,
     UnsettledSend,
@@ -48,10 +51,11 @@ from .times import format_delay, format_instant, format_utc, iso_utc
 from .windows import COUNTED_STATES
 
 __all__ = [
-    "COUNTED_STATES", "DECISION_ALIASES", "DECISION_FIELDS", "MIGRATIONS", "OUTCOMES", "SCOPES",
+    "COUNTED_STATES", "DECISION_ALIASES", "DECISION_FIELDS", "MIGRATIONS", "NOTICE_KINDS", "OUTCOMES", "SCOPES",
     "AccountEntry", "AuditEntry", "Conflict", "Customer", "Decision", "DecisionCount", "InvalidInput", "Ledger",
     "LedgerError", "LedgerNotInitialised", "LedgerUnavailable", "LimitNeverFits", "LimitReached",
-    "Override", "PruneReport", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
+    "Notice", "NoticeClaim", "Override", "PruneReport", "Reservation", "ResetMarker", "RuleLevel", "RuleUsage",
+    "SchemaStatus", "SendRecord",
     "SqlSpfCache", "SubjectUsage", "Tx", "UnknownSubject", "UnsettledSend", "UnsupportedLedger", "canonical_address",
     "canonical_domain", "format_delay", "format_instant", "format_utc", "iso_utc", "parse_expiry", "parse_since",
 ]
