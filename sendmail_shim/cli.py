@@ -424,8 +424,8 @@ def customer_set(state: State, customer_id: str, default_sender: str | None, no_
     if (default_sender is not None and no_default_sender) or (contact is not None and no_contact):
         raise click.UsageError("give an address or its --no- option, not both")
     if not (sender_change or contact_change):
-        raise click.UsageError("give --default-sender ADDRESS, --no-default-sender, --contact ADDRESS "
-                               "or --no-contact")
+        raise click.UsageError("give exactly one of --default-sender ADDRESS or --no-default-sender, "
+                               "or one of --contact ADDRESS or --no-contact")
     if contact_change and unix_user is not None:
         raise click.UsageError("--contact is the customer's, not a Unix-user binding's; drop --unix-user")
     found = None

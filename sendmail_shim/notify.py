@@ -88,6 +88,7 @@ class Notifier:
         assert config.notify is not None
         self.config, self.notify, self.ledger, self.upstream = config, config.notify, ledger, upstream
         self.hostname = hostname or socket.gethostname()
+        self._known: dict[tuple[object, ...], None] = {}  # claims decided already, oldest first
 
     def send_all(self, triggers: Sequence[Trigger]) -> None:
         for trigger in triggers:
@@ -104,7 +105,7 @@ class Notifier:
         if start is None:
             start = round(self.ledger.window_start(trigger.rule), 6)
         key = (trigger.kind, trigger.scope, trigger.subject, str(rule), start)
-        if _known(key):
+        if key in self._known:
             return
         now = time.time()
         free_at = trigger.free_at if trigger.free_at is not None else start + rule.window_seconds
@@ -137,9 +138,9 @@ class Notifier:
         recipients = [*([contact] if contact else []), *(a for a in self.notify.admin if a != contact)]
         domain = self.notify.sender.rpartition("@")[2]
         message_id = new_message_id(domain)
-        claim = NoticeClaim(kind, scope, subject, rule, start, window, ",".join(recipients), message_id)
+        claim = NoticeClaim(kind, scope, subject, customer_id, rule, start, window, ",".join(recipients), message_id)
         won = self.ledger.claim_notice(claim)
-        _remember(key)
+        self._remember(key)
         if won is None:
             return  # sent already, by this process or another
         fields: dict[str, object] = {"event": "notice", "kind": kind, "scope": scope, "subject": subject,
@@ -176,6 +177,11 @@ class Notifier:
                               log=self.config.log)
         return runner.run_one(queue_id) or "queued"
 
+    def _remember(self, key: tuple[object, ...]) -> None:
+        if len(self._known) >= _KNOWN_LIMIT:
+            self._known.pop(next(iter(self._known)))
+        self._known[key] = None
+
     def _log(self, fields: dict[str, object], priority: str) -> None:
         maillog.write(self.config.log, fields, priority)
 
@@ -205,16 +211,3 @@ def notify_blocked(config: Config, ledger: Ledger, *, account: str, customer_id:
 def iso_seconds(at: float, *, up: bool = True) -> str:
     """``2026-12-04T19:30:01Z``: ISO 8601 UTC, to the second; a promise is rounded up, never early."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(at - 1e-6) if up else math.floor(at)))
-
-
-_known_claims: dict[tuple[object, ...], None] = {}
-
-
-def _known(key: tuple[object, ...]) -> bool:
-    return key in _known_claims
-
-
-def _remember(key: tuple[object, ...]) -> None:
-    if len(_known_claims) >= _KNOWN_LIMIT:
-        _known_claims.pop(next(iter(_known_claims)))
-    _known_claims[key] = None

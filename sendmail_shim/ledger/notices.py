@@ -6,7 +6,8 @@ processes and servers sharing the ledger: whoever inserts first sends it,
 everyone else finds the row and sends nothing. On top of that a claim is
 refused while a notice of the same kind about the same rule is younger than
 the rule's window, so that a steady sender whose oldest message keeps
-leaving the window is not told again with every message.
+leaving the window is not told again with every message; claims hold the
+customer's lock, so that this check too holds across servers.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class NoticeClaim(NamedTuple):
     kind: str
     scope: str
     subject: str
+    customer_id: str  # whose lock serialises the claims, so the "recent" check holds across servers
     rule: str
     window_start: float
     window_seconds: int  # no second notice of this kind and rule within it
@@ -49,6 +51,7 @@ class NoticeClaim(NamedTuple):
 def claim(store: Store, notice: NoticeClaim) -> float | None:
     """Insert the notice's row; its time when this caller won the claim, None when it was taken already."""
     with store.write() as tx:
+        store.lock_customer(tx, notice.customer_id)
         now = store.now_us(tx) / US
         recent = tx.rows(
             "SELECT 1 FROM notices WHERE kind = :k AND scope = :sc AND subject = :su AND rule = :r "

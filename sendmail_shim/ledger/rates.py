@@ -246,8 +246,7 @@ class Rates:
             )
             send_id = int(rows[0][0])
             windows.add(tx, windows.CountedSend(send_id, account.address, account.customer_id, recipients, now_us))
-        return Reservation(send_id, account.address, account.customer_id, recipients, now_us / US, message_id,
-                           levels)
+        return Reservation(send_id, account.address, account.customer_id, recipients, now_us / US, message_id, levels)
 
     def _active_rules(self, tx: Tx, address: str, customer_id: str, now: float) -> list[ActiveRule]:
         overrides = select_overrides(
