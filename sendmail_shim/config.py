@@ -15,6 +15,7 @@ from typing import Any
 from .charsets import DEFAULT_LEGACY_CHARSET, ascii_compatible
 from .limits import DEFAULT_ACCOUNT_RULES, DEFAULT_CUSTOMER_RULES, Rule, RuleSyntaxError, parse_rule
 from .notice_templates import LANGUAGES, NoticeTemplate, TemplateError
+from .notice_templates import builtin as builtin_template
 from .notice_templates import load as load_templates
 
 try:
@@ -170,8 +171,12 @@ class NotifyConfig:
     warn_at: float = 0.8  # the share of a rule at which the warning goes
     language: str = "en"
     templates: str | None = None  # a directory whose KIND.LANGUAGE.txt files replace the built-in ones
-    # The checked templates by kind, loaded with the config so that a bad one is a config error.
+    # The directory's templates by kind, checked with the config so that a bad one is a config error.
     texts: dict[str, NoticeTemplate] = field(default_factory=dict, compare=False, repr=False)
+
+    def template(self, kind: str) -> NoticeTemplate:
+        """The admin's template for this kind, else the built-in one."""
+        return self.texts.get(kind) or builtin_template(kind, self.language)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ placeholder is a config error, not a notice that fails when it is due.
 
 from __future__ import annotations
 
+import functools
 import os
 import string
 from dataclasses import dataclass
@@ -67,23 +68,21 @@ def parse(kind: str, language: str, text: str, source: str) -> NoticeTemplate:
     return NoticeTemplate(kind, language, subject, template, source)
 
 
+@functools.cache
 def builtin(kind: str, language: str) -> NoticeTemplate:
-    from importlib.resources import files
-
+    """The packaged text, read when first needed (a config without overrides reads no template)."""
     name = file_name(kind, language)
-    text = files("sendmail_shim").joinpath("templates", name).read_text(encoding="utf-8")
-    return parse(kind, language, text, f"built-in {name}")
+    path = os.path.join(os.path.dirname(__file__), "templates", name)
+    return parse(kind, language, _read(path), f"built-in {name}")
 
 
 def load(language: str, directory: str | None) -> dict[str, NoticeTemplate]:
-    """Every kind's template in ``language``: the directory's file where there is one, else the built-in."""
+    """The directory's templates in ``language``, checked, by kind; kinds it has no file for are absent."""
     chosen: dict[str, NoticeTemplate] = {}
     for kind in KINDS:
         path = os.path.join(directory, file_name(kind, language)) if directory else None
         if path is not None and os.path.exists(path):
             chosen[kind] = parse(kind, language, _read(path), path)
-        else:
-            chosen[kind] = builtin(kind, language)
     return chosen
 
 

@@ -149,7 +149,7 @@ class Notifier:
             self._log({**fields, "to": "", "alert": "no one could be told: the customer has no contact "
                        "(sendmail-shim customer set ID --contact ADDRESS) and [notify] admin is not set"}, "warning")
             return
-        subject_line, body = self.notify.texts[kind].render(values)
+        subject_line, body = self.notify.template(kind).render(values)
         raw = self._compose(recipients, subject_line, body, message_id, kind)
         queue_id = self._enqueue(raw, recipients)
         state = self._try_now(queue_id)

@@ -21,7 +21,9 @@ def test_no_section_means_no_notices_and_the_defaults_otherwise() -> None:
     assert config is not None
     assert (config.sender, config.admin, config.warn_at, config.language) == (
         "varsel@provider.example", (), 0.8, "en")
-    assert set(config.texts) == {"warn", "limit", "block"}
+    assert config.texts == {}  # no directory: the built-in texts, read when a notice is due
+    assert {config.template(k).source for k in ("warn", "limit", "block")} == {
+        "built-in warn.en.txt", "built-in limit.en.txt", "built-in block.en.txt"}
     assert from_mapping(notify(admin="a@p.example")).notify.admin == ("a@p.example",)  # type: ignore[union-attr]
 
 
@@ -62,13 +64,14 @@ def test_a_template_file_replaces_only_its_kind_and_language(tmp_path: Path) -> 
     (tmp_path / "warn.en.txt").write_text("Subject: not used: the language is nb\n\n$used\n")
     config = from_mapping(notify(templates=str(tmp_path), language="nb")).notify
     assert config is not None
-    assert config.texts["warn"].source == str(tmp_path / "warn.nb.txt")
-    assert config.texts["limit"].source == "built-in limit.nb.txt"
-    assert config.texts["warn"].render({"who": "post@a.example", "used": "8", "limit": "10"}) == (
+    assert config.template("warn").source == str(tmp_path / "warn.nb.txt")
+    assert config.template("limit").source == "built-in limit.nb.txt"
+    assert config.template("warn").render({"who": "post@a.example", "used": "8", "limit": "10"}) == (
         "Snart fullt for post@a.example", "8 av 10.\n")
 
 
 @pytest.mark.parametrize("language", ["en", "nb"])
 def test_every_built_in_template_uses_only_known_placeholders(language: str) -> None:
     config = from_mapping(notify(language=language)).notify
-    assert config is not None and {t.language for t in config.texts.values()} == {language}
+    assert config is not None
+    assert {config.template(kind).language for kind in ("warn", "limit", "block")} == {language}
