@@ -166,13 +166,14 @@ class MetricsConfig:
 class NotifyConfig:
     """``[notify]``: notices near and at a limit, and on an automatic block (no section: none)."""
 
-    sender: str  # the From of every notice ("from" in the file)
+    sender: str = field(metadata={"key": "from"})  # the From of every notice ("from" is a Python keyword)
     admin: tuple[str, ...] = ()  # a copy of every notice goes here too
     warn_at: float = 0.8  # the share of a rule at which the warning goes
     language: str = "en"
     templates: str | None = None  # a directory whose KIND.LANGUAGE.txt files replace the built-in ones
     # The directory's templates by kind, checked with the config so that a bad one is a config error.
-    texts: dict[str, NoticeTemplate] = field(default_factory=dict, compare=False, repr=False)
+    texts: dict[str, NoticeTemplate] = field(default_factory=dict, compare=False, repr=False,
+                                             metadata={"key": None})
 
     def template(self, kind: str) -> NoticeTemplate:
         """The admin's template for this kind, else the built-in one."""
