@@ -242,6 +242,21 @@ def test_config_check_reports_a_good_config(ready: Invoke, config_file: Path) ->
     assert report["ok"] is True and report["problems"] == []
     assert report["config"] == str(config_file)
     assert report["summary"]["account_limits"][0] == "25 messages / 5m"
+    assert report["summary"]["notify"] == "off"
+
+
+def test_config_check_shows_notify_and_names_a_bad_template(ready: Invoke, config_file: Path, tmp_path: Path) -> None:
+    templates = tmp_path / "notices"
+    templates.mkdir()
+    with config_file.open("a") as handle:
+        handle.write(f'[notify]\nfrom = "varsel@provider.example"\nadmin = ["support@provider.example"]\n'
+                     f'language = "nb"\ntemplates = "{templates}"\n')
+    assert document(ready("config", "check", "--json"))["summary"]["notify"] == (
+        f"from varsel@provider.example, admin support@provider.example, warn at 0.8, language nb, "
+        f"templates from {templates}")
+    (templates / "warn.nb.txt").write_text("Subject: $who\n\n$brukt av $limit\n")
+    line = one_line_error(ready("config", "check"), 78)
+    assert line.startswith(f"{config_file}: notify.templates: {templates / 'warn.nb.txt'}: unknown placeholder $brukt")
 
 
 def test_config_errors_exit_78_with_the_config_error(invoke: Invoke, tmp_path: Path) -> None:

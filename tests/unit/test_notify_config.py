@@ -75,3 +75,13 @@ def test_every_built_in_template_uses_only_known_placeholders(language: str) -> 
     config = from_mapping(notify(language=language)).notify
     assert config is not None
     assert {config.template(kind).language for kind in ("warn", "limit", "block")} == {language}
+
+
+def test_a_reload_names_notify_turned_on_off_and_changed() -> None:
+    from sendmail_shim.gate.reload import changes
+
+    off, on = from_mapping(BASE), from_mapping(notify())
+    assert changes(off, on) == ["notify: off -> on"]
+    assert changes(on, off) == ["notify: on -> off"]
+    assert changes(on, from_mapping(notify(warn_at=0.9, language="nb"))) == [
+        "notify.warn_at: 0.8 -> 0.9", "notify.language: en -> nb"]
