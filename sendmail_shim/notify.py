@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from queue import SimpleQueue
 from typing import TYPE_CHECKING
 
 from . import maillog, queue
@@ -84,10 +86,14 @@ def reached(config: NotifyConfig | None, exc: Exception, account: str | None,
 class Notifier:
     """Sends the notices of one process: the gate's recorder thread, or ``sendmail`` after its answer."""
 
-    def __init__(self, config: Config, ledger: Ledger, upstream: Upstream, hostname: str | None = None) -> None:
+    def __init__(self, config: Config, ledger: Ledger, upstream: Upstream, hostname: str | None = None, *,
+                 background: bool = False) -> None:
+        """``background``: try each notice on a thread of its own (the gate), not in the caller's (sendmail)."""
         assert config.notify is not None
         self.config, self.notify, self.ledger, self.upstream = config, config.notify, ledger, upstream
         self.hostname = hostname or socket.gethostname()
+        self.background = background
+        self._waiting: SimpleQueue[tuple[str, dict[str, object]]] | None = None
         self._known: dict[tuple[object, ...], None] = {}  # claims decided already, oldest first
 
     def send_all(self, triggers: Sequence[Trigger]) -> None:
@@ -152,9 +158,11 @@ class Notifier:
         subject_line, body = self.notify.template(kind).render(values)
         raw = self._compose(recipients, subject_line, body, message_id, kind)
         queue_id = self._enqueue(raw, recipients)
-        state = self._try_now(queue_id)
-        self._log({**fields, "to": ",".join(recipients), "queue": queue_id, "msgid": message_id, "state": state},
-                  "notice")
+        fields.update(to=",".join(recipients), queue=queue_id, msgid=message_id)
+        if self.background:
+            self._attempts().put((queue_id, fields))
+        else:
+            self._attempt(queue_id, fields)
 
     def _compose(self, recipients: Sequence[str], subject: str, body: str, message_id: str, kind: str) -> bytes:
         headers = [
@@ -171,11 +179,31 @@ class Notifier:
         return queue.enqueue(self.ledger, self.config.queue, reservation=None, envelope=envelope, message=message,
                              error="", kind="notice", attempted=False)
 
-    def _try_now(self, queue_id: str) -> str:
+    def _attempt(self, queue_id: str, fields: dict[str, object]) -> None:
         """One attempt now, so a notice does not wait for the queue's timer; a deferral leaves it to the timer."""
         runner = queue.Runner(self.ledger, self.upstream, self.config.queue, hostname=self.hostname,
                               log=self.config.log)
-        return runner.run_one(queue_id) or "queued"
+        try:
+            fields["state"] = runner.run_one(queue_id) or "queued"
+        except LedgerError as exc:  # committed: the queue's timer tries it
+            fields.update(state="queued", reason=f"not tried now ({exc})")
+        self._log(fields, "notice")
+
+    def _attempts(self) -> SimpleQueue[tuple[str, dict[str, object]]]:
+        """The gate's: one thread tries the notices, so a slow upstream holds no one's bookkeeping."""
+        if self._waiting is None:
+            self._waiting = SimpleQueue()
+            threading.Thread(target=self._work, args=(self._waiting,), name="gate-notices", daemon=True).start()
+        return self._waiting
+
+    def _work(self, waiting: SimpleQueue[tuple[str, dict[str, object]]]) -> None:
+        while True:
+            queue_id, fields = waiting.get()
+            try:
+                self._attempt(queue_id, fields)
+            except Exception as exc:  # noqa: BLE001 - one notice's bug must not stop the others; the timer retries
+                self._log({**fields, "alert": f"the notice was not tried now ({type(exc).__name__}: {exc})"},
+                          "warning")
 
     def _remember(self, key: tuple[object, ...]) -> None:
         if len(self._known) >= _KNOWN_LIMIT:

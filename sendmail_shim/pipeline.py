@@ -69,7 +69,8 @@ class Runtime:
     def notifier(self) -> notify.Notifier:
         """Made on first use: most messages need none."""
         if self._notifier is None:
-            self._notifier = notify.Notifier(self.config, self.ledger, self.upstream, self.hostname)
+            self._notifier = notify.Notifier(self.config, self.ledger, self.upstream, self.hostname,
+                                             background=self.in_gate)
         return self._notifier
 
     @property
