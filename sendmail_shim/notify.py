@@ -101,7 +101,7 @@ class Notifier:
             try:
                 self._send(trigger)
             except (LedgerError, NotifyError, queue.QueueError) as exc:
-                self._log({"event": "notice", "kind": trigger.kind, "subject": trigger.subject,
+                self.log({"event": "notice", "kind": trigger.kind, "subject": trigger.subject,
                            "rule": str(trigger.rule.rule), "alert": f"the notice could not be sent ({exc})"},
                           "warning")
 
@@ -123,7 +123,7 @@ class Notifier:
         rule, language = trigger.rule.rule, self.notify.language
         scripts = self.ledger.top_scripts(trigger.scope, trigger.subject, start, TOP_SCRIPTS)
         return {
-            **self._common(trigger.scope, trigger.subject, trigger.account, trigger.customer_id),
+            **self.common_values(trigger.scope, trigger.subject, trigger.account, trigger.customer_id),
             "rule": str(rule), "rule_words": texts.rule_words(rule.limit, rule.metric, rule.window_seconds, language),
             "used": str(trigger.used), "limit": str(rule.limit),
             "percent": str(round(100 * trigger.used / rule.limit)) if rule.limit else "100",
@@ -133,7 +133,7 @@ class Notifier:
             "scripts": texts.script_lines(scripts, language),
         }
 
-    def _common(self, scope: str, subject: str, account: str, customer_id: str) -> dict[str, str]:
+    def common_values(self, scope: str, subject: str, account: str, customer_id: str) -> dict[str, str]:
         return {"who": texts.who_words(scope, subject, self.notify.language), "account": account,
                 "customer": customer_id, "hostname": self.hostname}
 
@@ -152,7 +152,7 @@ class Notifier:
         fields: dict[str, object] = {"event": "notice", "kind": kind, "scope": scope, "subject": subject,
                                      "rule": rule, "customer": customer_id}
         if not recipients:
-            self._log({**fields, "to": "", "alert": "no one could be told: the customer has no contact "
+            self.log({**fields, "to": "", "alert": "no one could be told: the customer has no contact "
                        "(sendmail-shim customer set ID --contact ADDRESS) and [notify] admin is not set"}, "warning")
             return
         subject_line, body = self.notify.template(kind).render(values)
@@ -165,6 +165,7 @@ class Notifier:
             self._attempt(queue_id, fields)
 
     def _compose(self, recipients: Sequence[str], subject: str, body: str, message_id: str, kind: str) -> bytes:
+        subject = " ".join(subject.split())  # an admin's template may put a reason with line breaks there
         headers = [
             f"From: {self.notify.sender}", f"To: {', '.join(recipients)}", f"Subject: {subject}",
             f"Date: {format_date(time.time())}", f"Message-ID: {message_id}", "Auto-Submitted: auto-generated",
@@ -187,7 +188,7 @@ class Notifier:
             fields["state"] = runner.run_one(queue_id) or "queued"
         except LedgerError as exc:  # committed: the queue's timer tries it
             fields.update(state="queued", reason=f"not tried now ({exc})")
-        self._log(fields, "notice")
+        self.log(fields, "notice")
 
     def _attempts(self) -> SimpleQueue[tuple[str, dict[str, object]]]:
         """The gate's: one thread tries the notices, so a slow upstream holds no one's bookkeeping."""
@@ -202,7 +203,7 @@ class Notifier:
             try:
                 self._attempt(queue_id, fields)
             except Exception as exc:  # noqa: BLE001 - one notice's bug must not stop the others; the timer retries
-                self._log({**fields, "alert": f"the notice was not tried now ({type(exc).__name__}: {exc})"},
+                self.log({**fields, "alert": f"the notice was not tried now ({type(exc).__name__}: {exc})"},
                           "warning")
 
     def _remember(self, key: tuple[object, ...]) -> None:
@@ -210,7 +211,7 @@ class Notifier:
             self._known.pop(next(iter(self._known)))
         self._known[key] = None
 
-    def _log(self, fields: dict[str, object], priority: str) -> None:
+    def log(self, fields: dict[str, object], priority: str) -> None:
         maillog.write(self.config.log, fields, priority)
 
 
@@ -224,13 +225,13 @@ def notify_blocked(config: Config, ledger: Ledger, *, account: str, customer_id:
     upstream = Upstream(config.upstream, config.path)
     try:
         notifier = Notifier(config, ledger, upstream)
-        values = {**notifier._common("account", account, account, customer_id), "reason": reason,
+        values = {**notifier.common_values("account", account, account, customer_id), "reason": reason,
                   "at": iso_seconds(at, up=False)}
         try:
             notifier.deliver("block", "account", account, "abuse", at, 0, customer_id, values,
                              ("block", account, at))
         except (LedgerError, NotifyError, queue.QueueError) as exc:
-            notifier._log({"event": "notice", "kind": "block", "subject": account,
+            notifier.log({"event": "notice", "kind": "block", "subject": account,
                            "alert": f"the notice could not be sent ({exc})"}, "warning")
     finally:
         upstream.close()
