@@ -401,9 +401,19 @@ SECTION_TEXT: dict[str, str] = {
              "section there are no automatic blocks.",
     "metrics": "Prometheus metrics: served by the gate, or written for node-exporter's textfile collector "
                "by sendmail-shim metrics write. Off unless set.",
+    "notify": "Notices to the customer's contact (sendmail-shim customer set ID --contact ADDRESS) and the "
+              "admin: a warning near a limit, a notice when a limit or an automatic block stops the mail; at "
+              "most one of each per rule and window, sent through the queue and never counted. Off unless "
+              "the section is present.",
 }
 
 KEY_TEXT: dict[str, str] = {
+    "notify.from": "The From and envelope sender of every notice: a bare address.",
+    "notify.admin": "An address, or a list, that gets a copy of every notice.",
+    "notify.warn_at": "The share of a rule (more than 0, less than 1) at which the warning goes.",
+    "notify.language": 'The notices\' language: "en" or "nb" (Norwegian Bokmal).',
+    "notify.templates": "A directory whose KIND.LANGUAGE.txt files (warn.nb.txt, limit.en.txt, block.en.txt) "
+                        "replace the built-in texts; checked when the file is loaded. Unset: the built-in texts.",
     "upstream.host": "The relay's host name or address.",
     "upstream.port": "The relay's port; STARTTLS is used on it.",
     "upstream.ca_file": "A PEM file of certificate authorities that replaces the system trust store "
@@ -524,16 +534,32 @@ def config_sections() -> list[tuple[str, Any]]:
     """(section name, dataclass) in the order of the Config dataclass."""
     sections = []
     for field in dataclasses.fields(config.Config):
-        kind = getattr(config, field.type) if isinstance(field.type, str) and hasattr(config, field.type) else None
+        name = field.type.removesuffix(" | None") if isinstance(field.type, str) else field.type  # optional sections
+        kind = getattr(config, name) if isinstance(name, str) and hasattr(config, name) else None
         if kind is not None and dataclasses.is_dataclass(kind):
             sections.append((field.name, kind))
     return sections
 
 
+# What a section needs besides the key being probed, so that the probe reaches that key.
+REQUIRED_KEYS: dict[str, dict[str, Any]] = {"notify": {"from": "notices@example.net"}}
+
+
+def file_keys(kind: Any) -> list[tuple[str, dataclasses.Field[Any]]]:
+    """(the key as written in the file, its field); fields that are no key (metadata key None) left out."""
+    return [(f.metadata.get("key", f.name), f) for f in dataclasses.fields(kind)
+            if f.metadata.get("key", "") is not None]
+
+
+def probe(section: str, key: str, value: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"upstream": {"host": "smtp.example.net"}, "spf": {"enabled": False}}
+    data.setdefault(section, dict(REQUIRED_KEYS.get(section, {})))[key] = value
+    return data
+
+
 def accepts(section: str, key: str, value: Any) -> bool:
     """Whether the parser takes ``value`` for the key (so the page says what the code does)."""
-    data: dict[str, Any] = {"upstream": {"host": "smtp.example.net"}, "spf": {"enabled": False}}
-    data.setdefault(section, {})[key] = value
+    data = probe(section, key, value)
     try:
         config.from_mapping(data)
     except config.ConfigError:
@@ -543,8 +569,7 @@ def accepts(section: str, key: str, value: Any) -> bool:
 
 def parser_knows(section: str, key: str) -> bool:
     """A key the parser reads complains about a wrong type; one it does not read is "unknown"."""
-    data: dict[str, Any] = {"upstream": {"host": "smtp.example.net"}, "spf": {"enabled": False}}
-    data.setdefault(section, {})[key] = {"not": "a value of any key"}
+    data = probe(section, key, {"not": "a value of any key"})
     try:
         config.from_mapping(data)
     except config.ConfigError as exc:
@@ -552,12 +577,12 @@ def parser_knows(section: str, key: str) -> bool:
     return False
 
 
-def type_word(section: str, field: dataclasses.Field[Any]) -> str:
+def type_word(section: str, key: str, field: dataclasses.Field[Any]) -> str:
     annotation = str(field.type).replace(" | None", "")
     word = TYPE_WORDS.get(annotation)
     if word is None:
-        raise MissingText(f"[{section}] {field.name}: no word for the type {field.type} in scripts/manpages.py")
-    if word == "integer" and any(accepts(section, field.name, text) for text in ("5m", "4h", "5d")):
+        raise MissingText(f"[{section}] {key}: no word for the type {field.type} in scripts/manpages.py")
+    if word == "integer" and any(accepts(section, key, text) for text in ("5m", "4h", "5d")):
         return 'duration (seconds, or "5m", "4h", "5d")'
     return word
 
@@ -580,13 +605,13 @@ def default_text(field: dataclasses.Field[Any]) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def render_key(section: str, field: dataclasses.Field[Any]) -> list[str]:
-    name = f"{section}.{field.name}"
+def render_key(section: str, key: str, field: dataclasses.Field[Any]) -> list[str]:
+    name = f"{section}.{key}"
     if name not in KEY_TEXT:
-        raise MissingText(f"[{section}] {field.name} has no description in scripts/manpages.py KEY_TEXT")
-    if not parser_knows(section, field.name):
-        raise MissingText(f"[{section}] {field.name} is a field of the config but the parser rejects it")
-    term = f"{bold(field.name)} = {italic(type_word(section, field))}"
+        raise MissingText(f"[{section}] {key} has no description in scripts/manpages.py KEY_TEXT")
+    if not parser_knows(section, key):
+        raise MissingText(f"[{section}] {key} is a field of the config but the parser rejects it")
+    term = f"{bold(key)} = {italic(type_word(section, key, field))}"
     default = default_text(field)
     if default == "required":
         return definition(term, KEY_TEXT[name], "Required.")
@@ -596,7 +621,7 @@ def render_key(section: str, field: dataclasses.Field[Any]) -> list[str]:
 
 
 def documented_keys() -> set[str]:
-    return {f"{section}.{field.name}" for section, kind in config_sections() for field in dataclasses.fields(kind)}
+    return {f"{section}.{key}" for section, kind in config_sections() for key, _ in file_keys(kind)}
 
 
 def render_config() -> str:
@@ -620,8 +645,8 @@ def render_config() -> str:
         if section not in SECTION_TEXT:
             raise MissingText(f"[{section}] has no description in scripts/manpages.py SECTION_TEXT")
         lines += [f'.SS "[{section}]"', *prose(SECTION_TEXT[section])]
-        for field in dataclasses.fields(kind):
-            lines += render_key(section, field)
+        for key, field in file_keys(kind):
+            lines += render_key(section, key, field)
     lines += [
         ".SH EXAMPLE",
         ".nf",

@@ -98,7 +98,7 @@ def breached(cfg: AbuseConfig, counted: Tally) -> tuple[str, str] | None:
 
 
 def on_auto_block(config: Config, ledger: Ledger, block: AutoBlock) -> None:
-    """Everything that follows an automatic block: the log line, and the notice."""
+    """The log line of an automatic block (the pipeline then sends its notice, with [notify])."""
     maillog.write(config.log, {"event": "auto-block", "account": block.account, "customer": block.customer_id,
                                "rule": block.rule, "reason": block.reason,
                                "action": "sendmail-shim account unblock " + block.account}, "warning")

@@ -169,7 +169,7 @@ def customer_doc(customer: Customer) -> dict[str, Any]:
     own = dict(customer.user_default_senders)
     return {"id": customer.id, "unix_users": list(customer.unix_users),
             "domains": list(customer.domains), "accounts": customer.accounts,
-            "default_sender": customer.default_sender,
+            "default_sender": customer.default_sender, "contact": customer.contact,
             "bindings": [{"unix_user": user, "default_sender": own.get(user),
                           "sends_as": own.get(user) or customer.default_sender}
                          for user in customer.unix_users]}
@@ -367,6 +367,8 @@ def require_unix_users(names: Sequence[str], allow_missing: bool) -> None:
 
 DEFAULT_SENDER_HELP = ("One of the customer's accounts: its sites send as it when a message names no "
                        "sender (no -f, no From, or a From such as cron's 'root').")
+CONTACT_HELP = ("Where notices about the customer's limits and blocks go ([notify]): any address, "
+                "usually one the customer reads outside this server.")
 
 
 @customer.command("add", epilog=example("sendmail-shim customer add kunde1 --unix-user web1"))
@@ -375,10 +377,11 @@ DEFAULT_SENDER_HELP = ("One of the customer's accounts: its sites send as it whe
               help="A Unix user whose sites send for this customer (repeatable); it must exist.")
 @allow_missing_user_option
 @click.option("--default-sender", metavar="ADDRESS", help=DEFAULT_SENDER_HELP)
+@click.option("--contact", metavar="ADDRESS", help=CONTACT_HELP)
 @json_option
 @pass_state
 def customer_add(state: State, customer_id: str, unix_users: tuple[str, ...], allow_missing_user: bool,
-                 default_sender: str | None, as_json: bool) -> None:
+                 default_sender: str | None, contact: str | None, as_json: bool) -> None:
     """Add a customer (or keep an existing one) and bind Unix users to it.
 
     A default sender must already be an account of the customer, so it can be
@@ -387,6 +390,8 @@ def customer_add(state: State, customer_id: str, unix_users: tuple[str, ...], al
     require_unix_users(unix_users, allow_missing_user)
     found = state.ledger.add_customer(customer_id, unix_users, default_sender=default_sender,
                                       actor=state.actor)
+    if contact is not None:
+        found = state.ledger.set_contact(customer_id, contact, actor=state.actor)
     show_customer(found, as_json)
 
 
@@ -399,7 +404,8 @@ def _customer_text(found: Customer) -> str:
     users = ", ".join(f"{u} (default sender {own[u]})" if u in own else u for u in found.unix_users) or "-"
     domains = ", ".join(found.domains) or "-"
     text = f"{found.id}  unix users: {users}  domains: {domains}  accounts: {found.accounts}"
-    return text + (f"  default sender: {found.default_sender}" if found.default_sender else "")
+    text += f"  default sender: {found.default_sender}" if found.default_sender else ""
+    return text + (f"  contact: {found.contact}" if found.contact else "")
 
 
 @customer.command("set", epilog=example("sendmail-shim customer set kunde1 --default-sender post@kunde.example"))
@@ -408,19 +414,34 @@ def _customer_text(found: Customer) -> str:
 @click.option("--no-default-sender", is_flag=True, help="Clear the default sender.")
 @click.option("--unix-user", metavar="USER",
               help="Set it for this one binding of the customer instead (it wins over the customer's).")
+@click.option("--contact", metavar="ADDRESS", help=CONTACT_HELP)
+@click.option("--no-contact", is_flag=True, help="Clear the contact address (notices then go to [notify] admin only).")
 @json_option
 @pass_state
 def customer_set(state: State, customer_id: str, default_sender: str | None, no_default_sender: bool,
-                 unix_user: str | None, as_json: bool) -> None:
-    """Change a customer's default sender, or (with --unix-user) one Unix-user binding's.
+                 unix_user: str | None, contact: str | None, no_contact: bool, as_json: bool) -> None:
+    """Change a customer's default sender (or, with --unix-user, one Unix-user binding's) or its contact.
 
     A binding's own default sender wins over the customer's, for a customer with
-    several sites: customer set kunde1 --unix-user web2 --default-sender shop@kunde.example
+    several sites: customer set kunde1 --unix-user web2 --default-sender shop@kunde.example.
+    The contact gets the notices: customer set kunde1 --contact drift@kunde.example
     """
-    if (default_sender is None) == (not no_default_sender):
-        raise click.UsageError("give exactly one of --default-sender ADDRESS or --no-default-sender")
-    found = state.ledger.set_default_sender(customer_id, default_sender, unix_user=unix_user,
-                                            actor=state.actor)
+    sender_change = default_sender is not None or no_default_sender
+    contact_change = contact is not None or no_contact
+    if (default_sender is not None and no_default_sender) or (contact is not None and no_contact):
+        raise click.UsageError("give an address or its --no- option, not both")
+    if not (sender_change or contact_change):
+        raise click.UsageError("give exactly one of --default-sender ADDRESS or --no-default-sender, "
+                               "or one of --contact ADDRESS or --no-contact")
+    if contact_change and unix_user is not None:
+        raise click.UsageError("--contact is the customer's, not a Unix-user binding's; drop --unix-user")
+    found = None
+    if sender_change:
+        found = state.ledger.set_default_sender(customer_id, default_sender, unix_user=unix_user,
+                                                actor=state.actor)
+    if contact_change:
+        found = state.ledger.set_contact(customer_id, contact, actor=state.actor)
+    assert found is not None
     show_customer(found, as_json)
 
 
@@ -905,6 +926,7 @@ def _config_summary(loaded: Config) -> dict[str, Any]:
         "gate": loaded.gate.socket or "off (in-process)",
         "metrics": loaded.metrics.listen or "off",
         "abuse": _abuse_summary(loaded),
+        "notify": _notify_summary(loaded),
     }
 
 
@@ -917,6 +939,15 @@ def _abuse_summary(loaded: Config) -> str:
     return (f"block at a share of {cfg.failed_share:g} failed or deferred recipients (at least {cfg.failed_min}) "
             f"in {describe_window(cfg.failed_window)}, or more than {cfg.limit_refusals} refusals by the limits "
             f"in {describe_window(cfg.limit_window)}")
+
+
+def _notify_summary(loaded: Config) -> str:
+    notify = loaded.notify
+    if notify is None:
+        return "off"
+    admin = f", admin {', '.join(notify.admin)}" if notify.admin else ""
+    templates = f", templates from {notify.templates}" if notify.templates else ""
+    return f"from {notify.sender}{admin}, warn at {notify.warn_at:g}, language {notify.language}{templates}"
 
 
 def _running_gate(loaded: Config) -> dict[str, Any] | None:

@@ -14,6 +14,9 @@ from typing import Any
 
 from .charsets import DEFAULT_LEGACY_CHARSET, ascii_compatible
 from .limits import DEFAULT_ACCOUNT_RULES, DEFAULT_CUSTOMER_RULES, Rule, RuleSyntaxError, parse_rule
+from .notice_templates import LANGUAGES, NoticeTemplate, TemplateError
+from .notice_templates import builtin as builtin_template
+from .notice_templates import load as load_templates
 
 try:
     import tomllib
@@ -175,6 +178,24 @@ class AbuseConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """``[notify]``: notices near and at a limit, and on an automatic block (no section: none)."""
+
+    sender: str = field(metadata={"key": "from"})  # the From of every notice ("from" is a Python keyword)
+    admin: tuple[str, ...] = ()  # a copy of every notice goes here too
+    warn_at: float = 0.8  # the share of a rule at which the warning goes
+    language: str = "en"
+    templates: str | None = None  # a directory whose KIND.LANGUAGE.txt files replace the built-in ones
+    # The directory's templates by kind, checked with the config so that a bad one is a config error.
+    texts: dict[str, NoticeTemplate] = field(default_factory=dict, compare=False, repr=False,
+                                             metadata={"key": None})
+
+    def template(self, kind: str) -> NoticeTemplate:
+        """The admin's template for this kind, else the built-in one."""
+        return self.texts.get(kind) or builtin_template(kind, self.language)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     upstream: UpstreamConfig
@@ -187,6 +208,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     abuse: AbuseConfig = field(default_factory=lambda: AbuseConfig(enabled=False))
+    notify: NotifyConfig | None = None
     sha256: str | None = None  # of the file's bytes as loaded: which config a running gate holds
 
 
@@ -255,7 +277,7 @@ def load(path: str | None = None) -> Config:
 
 
 def from_mapping(data: dict[str, Any], path: str = "<config>") -> Config:
-    known = {"upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics", "abuse"}
+    known = {"upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics", "abuse", "notify"}
     for name in data:
         if name not in known:
             raise ConfigError(path, name, f"unknown section (known: {', '.join(sorted(known))})")
@@ -273,6 +295,7 @@ def from_mapping(data: dict[str, Any], path: str = "<config>") -> Config:
         log=_log(_Section(data, "log", path)),
         metrics=_metrics(_Section(data, "metrics", path)),
         abuse=_abuse(_Section(data, "abuse", path), present="abuse" in data),
+        notify=_notify(_Section(data, "notify", path)) if "notify" in data else None,
     )
 
 
@@ -621,3 +644,39 @@ def _metrics_textfile(s: _Section) -> str | None:
         raise s.error("textfile", f"{textfile!r} must be an absolute path ending in .prom "
                                   "(node-exporter's textfile collector reads only *.prom files)")
     return textfile
+
+
+def _notify(s: _Section) -> NotifyConfig:
+    sender = _address(s, "from", s.string("from", required=True) or "")
+    admin_value = s._get("admin", (str, list), "an address or a list of addresses")
+    admins = [admin_value] if isinstance(admin_value, str) else list(admin_value or [])
+    warn_at = s.number("warn_at", 0.8, 0, 1)
+    if not 0 < warn_at < 1:
+        raise s.error("warn_at", f"must be more than 0 and less than 1 (a share of the limit), not {warn_at:g}")
+    language = s.choice("language", LANGUAGES)
+    directory = s.string("templates")
+    if directory is not None and not os.path.isdir(directory):
+        raise s.error("templates", f"{directory!r} is not a directory")
+    try:
+        texts = load_templates(language, directory)
+    except TemplateError as exc:
+        raise s.error("templates", str(exc)) from None
+    config = NotifyConfig(sender=sender, admin=tuple(_address(s, "admin", a) for a in admins), warn_at=warn_at,
+                          language=language, templates=directory, texts=texts)
+    s.done()
+    return config
+
+
+def _address(s: _Section, key: str, value: object) -> str:
+    """A bare address (``post@provider.example``), as notices are sent to and from."""
+    from .addresses import AddressError, parse_mailbox
+
+    if not isinstance(value, str) or not value.strip():
+        raise s.error(key, "must be an address such as postmaster@provider.example")
+    try:
+        mailbox = parse_mailbox(value.strip())
+    except AddressError as exc:
+        raise s.error(key, f"{value!r} is not an address ({exc})") from None
+    if mailbox.display_name is not None or "<" in value or "@" not in value:
+        raise s.error(key, f"{value!r} is not a bare address (write e.g. postmaster@provider.example)")
+    return value.strip()

@@ -62,9 +62,11 @@ EXIT_CODES: tuple[tuple[str, int], ...] = (
     # the relay and the queue
     (_P + "relay.RelayError", EX_UNAVAILABLE),
     (_P + "queue.QueueError", EX_NOUSER),
+    (_P + "notify.NotifyError", EX_UNAVAILABLE),  # logged after the answer; never the mail's own verdict
     # configuration
     (_P + "config.ConfigError", EX_CONFIG),
     (_P + "limits.RuleSyntaxError", EX_DATAERR),
+    (_P + "notice_templates.TemplateError", EX_CONFIG),  # reported as [notify] templates' ConfigError
     # the gate, its protocol and its client
     (_P + "gate.errors.GateError", EX_CONFIG),
     (_P + "gate.errors.SocketInUse", EX_UNAVAILABLE),

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import abuse, accounts, exitcodes, maillog, queue, spf
+from . import abuse, accounts, exitcodes, maillog, notify, queue, spf
 from . import envelope as envelope_stage
 from . import message as message_stage
 from .accounts import Caller
@@ -64,6 +64,14 @@ class Runtime:
         self.spf_cache = self.ledger.spf_cache()  # shared by every process and server on this ledger
         self.hostname = socket.gethostname()
         self.holder: str | None = None  # the gate's name on its reservations (see Ledger.claim_unsettled)
+        self._notifier: notify.Notifier | None = None
+
+    def notifier(self) -> notify.Notifier:
+        """Made on first use: most messages need none."""
+        if self._notifier is None:
+            self._notifier = notify.Notifier(self.config, self.ledger, self.upstream, self.hostname,
+                                             background=self.in_gate)
+        return self._notifier
 
     @property
     def require_binding(self) -> bool:
@@ -101,6 +109,7 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
     follow_up: Callable[[], None] | None = None
     timings: dict[str, float] = {}
     replies: list[RelayResult] = []  # what the upstream said at RCPT, for the abuse rules
+    notices: tuple[notify.Trigger, ...] = ()
     try:
         message, envelope = _prepare(invocation, raw, caller, runtime, fields)
         account = _authorise(envelope, message, caller, runtime)
@@ -120,15 +129,22 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         # (or, if this process dies first, expired after [ledger] reservation_timeout).
         verdict, outcome, follow_up = _relay_or_queue(envelope, message, reservation, runtime, fields, timings,
                                                       replies)
+        notices = notify.crossed(runtime.config.notify, reservation)
     except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
         outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
+        notices = notify.reached(runtime.config.notify, exc, _str_or_none(fields.get("account")),
+                                 _str_or_none(fields.get("customer")))
         counted = _counted(runtime, fields, replies, limited=isinstance(exc, LimitReached))
     else:
         counted = _counted(runtime, fields, replies)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
     verdict.timings.update(timings, decision=time.monotonic() - started)
-    return verdict, Record(runtime, verdict, reservation, outcome, follow_up, counted)
+    return verdict, Record(runtime, verdict, reservation, outcome, follow_up, counted, notices)
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _counted(runtime: Runtime, fields: dict[str, object], replies: list[RelayResult], *,
@@ -281,6 +297,7 @@ class Record:
     outcome: str | None  # how the reservation is settled; None: nothing to settle (or the queue did it)
     follow_up: Callable[[], None] | None = None  # for after the answer: the gate's wait for a late reply
     counted: Outcome | None = None  # what the abuse rules count of this message; None: nothing
+    notices: tuple[notify.Trigger, ...] = ()  # rules this message crossed or was stopped by
 
     def __call__(self) -> None:
         record_together([self])
@@ -299,9 +316,20 @@ def record_together(records: Sequence[Record]) -> None:
     with contextlib.suppress(LedgerError):
         records[0].runtime.ledger.settle_and_record_all(
             [(r.reservation, r.outcome, r.verdict.fields) for r in records], counted)
-        if any(abuse.signals(c) for c in counted):
-            runtime = records[-1].runtime  # the newest config, should a reload have come in between
-            abuse.judge_all(runtime.config, runtime.ledger, counted)
+        _judge_abuse(records[-1].runtime, counted)  # the newest config, should a reload have come in between
+    # After the commit, so that the decision rows are there for the notice's top scripts.
+    for record in records:
+        if record.notices:
+            record.runtime.notifier().send_all(record.notices)
+
+
+def _judge_abuse(runtime: Runtime, counted: Sequence[Outcome]) -> None:
+    """The abuse rules, for the messages that gave them a signal; each block is told like a limit."""
+    if not any(abuse.signals(c) for c in counted):
+        return
+    for block in abuse.judge_all(runtime.config, runtime.ledger, counted):
+        if runtime.config.notify is not None:
+            runtime.notifier().blocked(block.account, block.customer_id, block.reason, block.at)
 
 
 def caller_fields(caller: Caller) -> dict[str, object]:

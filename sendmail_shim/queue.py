@@ -17,7 +17,8 @@ Format: two tables in the ledger database (migration 0002_queue, defined in
 
 =================  =================================================================
 ``id``             ``q`` + 20 hex digits, as ``sendmail-shim queue`` shows it
-``kind``           ``message`` (a site's mail) or ``bounce`` (our notification)
+``kind``           ``message`` (a site's mail), ``bounce`` (our delivery report) or
+                   ``notice`` (``notify.py``: never counted, never bounced)
 ``state``          ``queued`` (waiting, or being tried), ``awaiting_reply``,
                    ``uncertain``, ``held`` or ``done`` (see below)
 ``send_id``        the ledger ``sends`` row it counts as; NULL for bounces
@@ -167,8 +168,10 @@ def new_id() -> str:
 
 def enqueue(ledger: Ledger, config: QueueConfig, *, reservation: Reservation | None, envelope: Envelope,
             message: Message, error: str, delivered: Sequence[str] = (), kind: str = "message",
-            state: str = "queued", reply_wait: float = 0.0) -> str:
+            state: str = "queued", reply_wait: float = 0.0, attempted: bool = True) -> str:
     """Commit the message (and its reservation's new state) in one transaction; return its id.
+
+    ``attempted`` False: nobody has tried it yet (a notice), so it is due at once.
 
     ``state`` ``awaiting_reply``: the final dot was sent and a reply is awaited for up to
     ``reply_wait`` seconds more; ``uncertain``: it was sent and no reply will be awaited.
@@ -178,20 +181,21 @@ def enqueue(ledger: Ledger, config: QueueConfig, *, reservation: Reservation | N
     unconfirmed = 0 if state == "queued" else 1
     with ledger.transaction(write=True) as tx:
         now = ledger.now(tx)
-        wait = uncertain_backoff(config) if unconfirmed else backoff(1, config)
+        wait = uncertain_backoff(config) if unconfirmed else backoff(1, config) if attempted else 0.0
         lease = now + reply_wait + REPLY_LEASE_MARGIN if state == "awaiting_reply" else None
         tx.run(
             "INSERT INTO queue_messages (id, kind, state, send_id, account, customer_id, sender, message_id, "
             "data, dsn_notify, dsn_ret, dsn_envid, created_at, attempts, next_attempt_at, last_attempt_at, "
             "last_error, unconfirmed, claimed_by, claimed_until) VALUES (:id, :kind, :state, :send, :account, "
-            ":customer, :sender, :mid, :data, :notify, :ret, :envid, :now, 1, :next, :now, :error, :unconfirmed, "
-            ":claimer, :lease)",
+            ":customer, :sender, :mid, :data, :notify, :ret, :envid, :now, :attempts, :next, :last, :error, "
+            ":unconfirmed, :claimer, :lease)",
             {"id": queue_id, "kind": kind, "state": state, "send": reservation.id if reservation else None,
              "account": reservation.account if reservation else None,
              "customer": reservation.customer_id if reservation else None,
              "sender": envelope.mail_from, "mid": message.message_id, "data": data,
              "notify": envelope.dsn_notify, "ret": envelope.dsn_ret, "envid": envelope.dsn_envid,
-             "now": now, "next": now + wait, "error": error[:1000], "unconfirmed": unconfirmed,
+             "now": now, "next": now + wait, "error": error[:1000] or None, "unconfirmed": unconfirmed,
+             "attempts": int(attempted), "last": now if attempted else None,
              "claimer": f"reply-wait:{socket.gethostname()}:{os.getpid()}" if lease else None, "lease": lease},
         )
         for position, recipient in enumerate(envelope.recipients):
@@ -348,10 +352,20 @@ class Runner:
             self._attempt(claimed, report)
         return report
 
-    def _claim(self) -> _Claimed | None:
+    def run_one(self, queue_id: str) -> str | None:
+        """Try this one message now, whatever its backoff; its new state (None: another runner has it)."""
+        claimed = self._claim(only=queue_id)
+        if claimed is None:
+            return None
+        report = RunReport(messages=1, ids=[claimed.id])
+        return self._attempt(claimed, report)
+
+    def _claim(self, only: str | None = None) -> _Claimed | None:
         skip_locked = " FOR UPDATE SKIP LOCKED" if self.ledger.dialect == "postgresql" else ""
         due = ("(last_attempt_at IS NULL OR last_attempt_at < :started)" if self.ignore_backoff
                else "next_attempt_at <= :now")
+        if only is not None:
+            due = "id = :only"
         waiting = ", ".join(f"'{state}'" for state in WAITING)
         with self.ledger.transaction(write=True) as tx:
             now = self.ledger.now(tx)
@@ -360,7 +374,7 @@ class Runner:
                 f"SELECT {_CLAIM_COLUMNS} FROM queue_messages WHERE state IN ({waiting}) AND "
                 f"(claimed_until IS NULL OR claimed_until < :now) AND {due} "
                 f"ORDER BY next_attempt_at, created_at LIMIT 1{skip_locked}",
-                {"now": now, "started": self.started},
+                {"now": now, "started": self.started, "only": only},
             )
             if not rows:
                 return None
@@ -368,7 +382,8 @@ class Runner:
                    "WHERE id = :id", {"me": self.me, "until": now + self.config.lease, "now": now, "id": rows[0][0]})
             return _claimed(tx, rows[0])
 
-    def _attempt(self, claimed: _Claimed, report: RunReport) -> None:
+    def _attempt(self, claimed: _Claimed, report: RunReport) -> str:
+        """One delivery attempt, recorded; the message's new state."""
         from .relay import RelayError
 
         try:
@@ -376,15 +391,13 @@ class Runner:
         except RelayError as exc:
             outcomes, error = failure_outcomes(exc, claimed.pending)
             unconfirmed = claimed.unconfirmed + (1 if exc.uncertain else 0)
-            self._record(claimed, outcomes, error, report, unconfirmed=unconfirmed, unanswered=exc.uncertain)
-            return
+            return self._record(claimed, outcomes, error, report, unconfirmed=unconfirmed, unanswered=exc.uncertain)
         except _Undeliverable as exc:
             outcomes = {address: ("failed", None, str(exc)) for address in claimed.pending}
-            self._record(claimed, outcomes, str(exc), report)
-            return
+            return self._record(claimed, outcomes, str(exc), report)
         crash_point("runner:after-data")
         outcomes, error = result_outcomes(result)
-        self._record(claimed, outcomes, error, report)
+        return self._record(claimed, outcomes, error, report)
 
     def finish_reply(self, queue_id: str, result: RelayResult | BaseException) -> str | None:
         """Settle an ``awaiting_reply`` message with the late reply to its final dot; its new state.
@@ -506,6 +519,11 @@ class Runner:
         delivered = sum(1 for s, *_ in outcomes.values() if s == "delivered")
         fields: dict[str, object] = {"event": "queue-attempt", "queue": claimed.id, "msgid": claimed.message_id,
                                      "state": state, "delivered": delivered}
+        if claimed.kind != "message":  # a bounce or a notice: never bounced itself
+            fields["kind"] = claimed.kind
+        failed = sum(1 for s, *_ in outcomes.values() if s == "failed")
+        if failed:
+            fields["failed"] = failed
         if error:
             fields["reason"] = error
         maillog.write(self.log, fields, "warning" if state in ("held", "uncertain") else "info")

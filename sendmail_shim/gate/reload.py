@@ -23,7 +23,7 @@ from .instruments import instrument
 RESTART_ONLY_GATE_KEYS = ("socket", "user", "backlog", "egress", "trust",
                           "upload_memory", "max_uploads_per_uid")  # and all of [ledger]
 RESTART_ONLY_METRICS_KEYS = ("listen",)  # its socket is bound at start, before any reload
-_SECTIONS = ("upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics", "abuse")
+_SECTIONS = ("upstream", "ledger", "spf", "limits", "message", "gate", "queue", "log", "metrics", "abuse", "notify")
 
 
 class ReloadRefused(Exception):
@@ -152,6 +152,10 @@ def changes(before: Config, after: Config) -> list[str]:
     found = []
     for section in _SECTIONS:
         old, new = getattr(before, section), getattr(after, section)
+        if old is None or new is None:  # an optional section ([notify]) added or removed
+            if (old is None) != (new is None):
+                found.append(f"{section}: {'off' if old is None else 'on'} -> {'off' if new is None else 'on'}")
+            continue
         for name in _changed_fields(old, new):
             found.append(f"{section}.{name}: {_shown(section, getattr(old, name))} -> "
                          f"{_shown(section, getattr(new, name))}")

@@ -8,6 +8,7 @@ One module per concern, each over one ``Store`` (``store.py``):
 - ``rates`` and ``windows``: reservations, settlement, usage, overrides and resets;
 - ``journal``: the decision log and the audit log;
 - ``outcomes``: recipients failed, deferred or accepted, and refusals by the limits (the abuse rules);
+- ``notices``: the claim that a notice about a limit or a block goes out once;
 - ``spf_cache``: SPF verdicts shared by every process on this ledger;
 - ``retention``: pruning, timed-out reservations, the gate's housekeeping;
 - ``facade``: ``Ledger``, the one object the rest of the program holds.
@@ -32,6 +33,7 @@ from .errors import (
 from .facade import Ledger
 from .inputs import SCOPES, canonical_address, canonical_domain, parse_expiry, parse_since
 from .journal import DECISION_ALIASES, DECISION_FIELDS, AuditEntry, Decision, DecisionCount
+from .notices import NOTICE_KINDS, Notice, NoticeClaim
 from .outcomes import Outcome, Tally
 from .overview import SubjectUsage
 from .rates import (
@@ -39,6 +41,7 @@ from .rates import (
     Override,
     Reservation,
     ResetMarker,
+    RuleLevel,
     RuleUsage,
     SendRecord,
     UnsettledSend,
@@ -50,11 +53,11 @@ from .times import format_delay, format_instant, format_utc, iso_utc
 from .windows import COUNTED_STATES
 
 __all__ = [
-    "COUNTED_STATES", "DECISION_ALIASES", "DECISION_FIELDS", "MIGRATIONS", "OUTCOMES", "SCOPES",
+    "COUNTED_STATES", "DECISION_ALIASES", "DECISION_FIELDS", "MIGRATIONS", "NOTICE_KINDS", "OUTCOMES", "SCOPES",
     "AccountEntry", "AuditEntry", "Conflict", "Customer", "Decision", "DecisionCount", "InvalidInput", "Ledger",
     "LedgerError", "LedgerNotInitialised", "LedgerUnavailable", "LimitNeverFits", "LimitReached",
-    "Outcome", "Override", "PruneReport", "Reservation", "ResetMarker", "RuleUsage", "SchemaStatus", "SendRecord",
-    "SqlSpfCache", "SubjectUsage", "Tally", "Tx", "UnknownSubject", "UnsettledSend", "UnsupportedLedger",
-    "canonical_address", "canonical_domain", "format_delay", "format_instant", "format_utc", "iso_utc", "parse_expiry",
-    "parse_since",
+    "Notice", "NoticeClaim", "Outcome", "Override", "PruneReport", "Reservation", "ResetMarker", "RuleLevel",
+    "RuleUsage", "SchemaStatus", "SendRecord", "SqlSpfCache", "SubjectUsage", "Tally", "Tx", "UnknownSubject",
+    "UnsettledSend", "UnsupportedLedger", "canonical_address", "canonical_domain", "format_delay",
+    "format_instant", "format_utc", "iso_utc", "parse_expiry", "parse_since",
 ]

@@ -47,6 +47,7 @@ class Customer(NamedTuple):
     accounts: int
     default_sender: str | None = None
     user_default_senders: tuple[tuple[str, str], ...] = ()  # (unix user, its binding's own default sender)
+    contact: str | None = None  # where notices about its limits and blocks go
 
 
 def _entry(row: Sequence[Any]) -> AccountEntry:
@@ -168,6 +169,23 @@ class Directory:
             detail = f"default sender of unix user {unix_user} {address or 'cleared'}"
         audit(tx, "customer default-sender", customer_id, detail, actor)
 
+    def contact(self, customer_id: str) -> str | None:
+        """The customer's contact address (one read, for a notice)."""
+        with self.store.read() as tx:
+            rows = tx.rows("SELECT contact FROM customers WHERE id = :c", {"c": customer_id})
+        return str(rows[0][0]) if rows and rows[0][0] else None
+
+    def set_contact(self, customer_id: str, address: str | None, *, actor: str | None = None) -> Customer:
+        """Set (None: clear) where the customer's notices go; any valid address, not only its accounts."""
+        if address is not None:
+            canonical_address(address)  # checked; stored as written, since a mailbox's local part may be case-sensitive
+            address = address.strip()
+        with self.store.write() as tx:
+            require_customer(tx, customer_id)
+            tx.run("UPDATE customers SET contact = :a WHERE id = :c", {"a": address, "c": customer_id})
+            audit(tx, "customer contact", customer_id, f"contact {address or 'cleared'}", actor)
+        return self.get_customer(customer_id)
+
     @staticmethod
     def _forget_default_sender(tx: Tx, account: AccountEntry, actor: str | None) -> None:
         """A removed account is no one's default sender any more (audited, so the admin can see why)."""
@@ -213,7 +231,7 @@ class Directory:
     def list_customers(self, only: str | None = None) -> list[Customer]:
         where, params = ("WHERE id = :c", {"c": only}) if only is not None else ("", {})
         with self.store.read() as tx:
-            found = tx.rows(f"SELECT id, default_sender FROM customers {where} ORDER BY id", params)
+            found = tx.rows(f"SELECT id, default_sender, contact FROM customers {where} ORDER BY id", params)
             users = tx.rows("SELECT customer_id, unix_user, default_sender FROM unix_users ORDER BY unix_user")
             domains = tx.rows("SELECT customer_id, domain FROM domains ORDER BY domain")
             counted = tx.rows("SELECT customer_id, count(*) FROM accounts GROUP BY customer_id")
@@ -226,8 +244,9 @@ class Directory:
                 accounts=int(counts.get(cid, 0)),
                 default_sender=str(default) if default else None,
                 user_default_senders=tuple((str(u), str(a)) for c, u, a in users if c == cid and a),
+                contact=str(contact) if contact else None,
             )
-            for cid, default in found
+            for cid, default, contact in found
         ]
 
     # ----------------------------------------------------------- accounts

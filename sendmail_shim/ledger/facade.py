@@ -15,6 +15,7 @@ from ..limits import Rule
 from .connections import Tx
 from .directory import AccountEntry, Customer, Directory
 from .journal import AuditEntry, Decision, DecisionCount, Journal, insert_decision
+from .notices import Notice, NoticeClaim
 from .outcomes import Outcome, Tally, insert_outcome, tally
 from .overview import SubjectUsage, usage_of_every_customer
 from .rates import (
@@ -22,6 +23,7 @@ from .rates import (
     Rates,
     Reservation,
     ResetMarker,
+    RuleLevel,
     RuleUsage,
     Sender,
     SendRecord,
@@ -129,6 +131,12 @@ class Ledger:
     def set_default_sender(self, customer_id: str, address: str | None, *, unix_user: str | None = None,
                            actor: str | None = None) -> Customer:
         return self.directory.set_default_sender(customer_id, address, unix_user=unix_user, actor=actor)
+
+    def contact(self, customer_id: str) -> str | None:
+        return self.directory.contact(customer_id)
+
+    def set_contact(self, customer_id: str, address: str | None, *, actor: str | None = None) -> Customer:
+        return self.directory.set_contact(customer_id, address, actor=actor)
 
     def bind_user(self, customer_id: str, unix_user: str, *, actor: str | None = None) -> Customer:
         return self.directory.bind_user(customer_id, unix_user, actor=actor)
@@ -255,6 +263,26 @@ class Ledger:
 
     def audit_log(self, limit: int = 50, *, subject: str | None = None) -> list[AuditEntry]:
         return self.journal.audit_log(limit, subject=subject)
+
+    # ----------------------------------------------------------- notices
+
+    def claim_notice(self, notice: NoticeClaim) -> float | None:
+        """Take the right to send this notice; its time, or None when it was sent (or is being sent) already."""
+        from . import notices
+
+        return notices.claim(self.store, notice)
+
+    def window_start(self, level: RuleLevel) -> float:
+        """When the window of the rule's burst began: its oldest counted send still in it."""
+        from . import notices
+
+        return notices.window_start(self.store, level.scope, level.subject, level.rule.metric,
+                                    level.rule.window_seconds)
+
+    def notices(self, limit: int = 50, *, subject: str | None = None) -> list[Notice]:
+        from . import notices
+
+        return notices.recent(self.store, limit, subject=subject)
 
     # ----------------------------------------------------------- retention
 

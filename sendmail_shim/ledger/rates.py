@@ -54,6 +54,16 @@ class Sender(Protocol):
     def customer_id(self) -> str: ...
 
 
+class RuleLevel(NamedTuple):
+    """A rule's use just before and just after a reservation: what a notice needs to see it crossed."""
+
+    scope: str
+    subject: str
+    rule: Rule
+    before: int
+    after: int
+
+
 @dataclass(frozen=True)
 class Reservation:
     """A counted send; settle it with ``Ledger.settle`` once the relay has answered."""
@@ -64,6 +74,8 @@ class Reservation:
     recipients: int
     at: float
     message_id: str
+    # Every rule's use around this message, from the sums the check already read (no extra query).
+    levels: tuple[RuleLevel, ...] = ()
 
 
 class UnsettledSend(NamedTuple):
@@ -225,7 +237,7 @@ class Rates:
                 if needed > active.rule.limit:
                     raise LimitNeverFits(active.scope, active.subject, active.rule, needed)
             self.resolve_stale(tx, account.customer_id, now_us)
-            self._refuse_if_over(tx, rules, recipients, now_us)
+            levels = self._refuse_if_over(tx, rules, recipients, now_us)
             rows = tx.rows(
                 "INSERT INTO sends (account, customer_id, message_id, recipients, at_us, state, holder, uid) "
                 "VALUES (:a, :c, :m, :n, :t, 'reserved', :h, :u) RETURNING id",
@@ -234,7 +246,7 @@ class Rates:
             )
             send_id = int(rows[0][0])
             windows.add(tx, windows.CountedSend(send_id, account.address, account.customer_id, recipients, now_us))
-        return Reservation(send_id, account.address, account.customer_id, recipients, now_us / US, message_id)
+        return Reservation(send_id, account.address, account.customer_id, recipients, now_us / US, message_id, levels)
 
     def _active_rules(self, tx: Tx, address: str, customer_id: str, now: float) -> list[ActiveRule]:
         overrides = select_overrides(
@@ -248,8 +260,11 @@ class Rates:
                              [o for o in overrides if o.scope == "customer"]),
         ]
 
-    def _refuse_if_over(self, tx: Tx, rules: Sequence[ActiveRule], recipients: int, now_us: int) -> None:
+    def _refuse_if_over(self, tx: Tx, rules: Sequence[ActiveRule], recipients: int,
+                        now_us: int) -> tuple[RuleLevel, ...]:
+        """Raise LimitReached for the rule that frees last; else each rule's use before and after."""
         worst: LimitReached | None = None
+        levels: list[RuleLevel] = []
         for scope in SCOPES:
             scoped = [r for r in rules if r.scope == scope]
             if not scoped:
@@ -260,6 +275,7 @@ class Rates:
                 in_use = used[(active.rule.metric, active.rule.window_seconds)]
                 needed = active.amount(recipients)
                 if in_use + needed <= active.rule.limit:
+                    levels.append(RuleLevel(scope, active.subject, active.rule, in_use, in_use + needed))
                     continue
                 free_us = self._next_free_us(tx, active, in_use + needed - active.rule.limit, now_us)
                 if worst is None or free_us / US > worst.next_free_at:
@@ -267,6 +283,7 @@ class Rates:
                                          free_us / US, now_us / US)
         if worst is not None:
             raise worst
+        return tuple(levels)
 
     @staticmethod
     def _next_free_us(tx: Tx, active: ActiveRule, excess: int, now_us: int) -> int:

@@ -58,10 +58,11 @@ def test_customers_and_their_unix_users(ready: Invoke) -> None:
         ["web1", "web2"]
     assert document(ready("customer", "list", "--json")) == [
         {"id": "kunde1", "unix_users": ["web1", "web2"], "domains": ["kunde.example"],
-         "accounts": 1, "default_sender": None,
+         "accounts": 1, "default_sender": None, "contact": None,
          "bindings": [{"unix_user": "web1", "default_sender": None, "sends_as": None},
                       {"unix_user": "web2", "default_sender": None, "sends_as": None}]}]
     assert document(ready("customer", "unbind", "web2", "--json"))["customer"] == "kunde1"
+    assert "contact" not in ready("customer", "list").stdout
     assert one_line_error(ready("customer", "add", "kunde2", "--unix-user", "web1", "--allow-missing-user"), 65) == (
         "the Unix user web1 is bound to customer kunde1; unbind it first "
         "(sendmail-shim customer unbind web1)")
@@ -243,6 +244,21 @@ def test_config_check_reports_a_good_config(ready: Invoke, config_file: Path) ->
     assert report["ok"] is True and report["problems"] == []
     assert report["config"] == str(config_file)
     assert report["summary"]["account_limits"][0] == "25 messages / 5m"
+    assert report["summary"]["notify"] == "off"
+
+
+def test_config_check_shows_notify_and_names_a_bad_template(ready: Invoke, config_file: Path, tmp_path: Path) -> None:
+    templates = tmp_path / "notices"
+    templates.mkdir()
+    with config_file.open("a") as handle:
+        handle.write(f'[notify]\nfrom = "varsel@provider.example"\nadmin = ["support@provider.example"]\n'
+                     f'language = "nb"\ntemplates = "{templates}"\n')
+    assert document(ready("config", "check", "--json"))["summary"]["notify"] == (
+        f"from varsel@provider.example, admin support@provider.example, warn at 0.8, language nb, "
+        f"templates from {templates}")
+    (templates / "warn.nb.txt").write_text("Subject: $who\n\n$brukt av $limit\n")
+    line = one_line_error(ready("config", "check"), 78)
+    assert line.startswith(f"{config_file}: notify.templates: {templates / 'warn.nb.txt'}: unknown placeholder $brukt")
 
 
 def test_config_errors_exit_78_with_the_config_error(invoke: Invoke, tmp_path: Path) -> None:
@@ -380,3 +396,22 @@ def test_a_default_sender_that_is_not_the_customers_is_refused(ready: Invoke) ->
     assert usage.exit_code == 64 and "give exactly one of --default-sender ADDRESS or --no-default-sender" \
         in usage.stderr
     assert document(ready("customer", "show", "kunde1", "--json"))["default_sender"] is None
+
+
+def test_a_customers_contact_is_checked_shown_and_audited(ready: Invoke) -> None:
+    shown = document(ready("customer", "set", "kunde1", "--contact", "Drift@Kunde-IT.example", "--json"))
+    assert shown["contact"] == "Drift@Kunde-IT.example"  # kept as written: a local part may be case-sensitive
+    assert ready("customer", "show", "kunde1").stdout.rstrip().endswith("contact: Drift@Kunde-IT.example")
+    assert document(ready("customer", "list", "--json"))[0]["contact"] == "Drift@Kunde-IT.example"
+    assert one_line_error(ready("customer", "set", "kunde1", "--contact", "not an address"), 65).startswith(
+        "'not an address' is not an email address")
+    assert document(ready("customer", "add", "kunde2", "--contact", "it@kunde2.example", "--json"))["contact"] == \
+        "it@kunde2.example"
+    assert document(ready("customer", "set", "kunde1", "--no-contact", "--json"))["contact"] is None
+    usage = ready("customer", "set", "kunde1", "--unix-user", "web1", "--contact", "a@b.example")
+    assert usage.exit_code == 64 and "--contact is the customer's" in usage.stderr
+    audit = document(ready("log", "--audit", "--json"))
+    details = [(e["action"], e["subject"], e["detail"]) for e in audit if e["action"] == "customer contact"]
+    assert details == [("customer contact", "kunde1", "contact cleared"),
+                       ("customer contact", "kunde2", "contact it@kunde2.example"),
+                       ("customer contact", "kunde1", "contact Drift@Kunde-IT.example")]

@@ -132,6 +132,11 @@ def test_it_ships_no_bytecode_and_no_build_paths(built: Built) -> None:
         assert str(REPO).encode() not in (built.root / program).read_bytes()
 
 
+def test_it_ships_the_notices_built_in_texts(built: Built) -> None:
+    shipped = {path.name for path in (built.root / "usr/lib/sendmail-shim/sendmail_shim/templates").iterdir()}
+    assert shipped == {f"{kind}.{language}.txt" for kind in ("warn", "limit", "block") for language in ("en", "nb")}
+
+
 def test_the_config_is_a_conffile_that_an_upgrade_keeps(built: Built) -> None:
     listing = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(built.deb)], capture_output=True, check=True)
     conffiles = subprocess.run(["tar", "-xOf", "-", "./conffiles"], input=listing.stdout, capture_output=True,

@@ -87,5 +87,7 @@ def test_it_ships_the_units_man_pages_and_launchers(rpm: Path) -> None:
                  "/usr/lib/systemd/system/sendmail-shim-queue.timer",
                  "/usr/lib/systemd/system/sendmail-shim-queue.service",
                  "/usr/share/man/man8/sendmail.sendmail-shim.8.gz", "/usr/share/man/man8/sendmail-shim.8.gz",
-                 "/usr/share/man/man5/sendmail-shim.toml.5.gz", "/usr/lib/sendmail-shim/sendmail_shim/cli.py"):
+                 "/usr/share/man/man5/sendmail-shim.toml.5.gz", "/usr/lib/sendmail-shim/sendmail_shim/cli.py",
+                 "/usr/lib/sendmail-shim/sendmail_shim/templates/warn.nb.txt",
+                 "/usr/lib/sendmail-shim/sendmail_shim/templates/block.en.txt"):
         assert path in files
