@@ -22,6 +22,8 @@ from tests.support.upstream import SmtpUpstream
 pytestmark = needs_users
 
 ACCOUNTS = ("spam@a.example", "defer@a.example", "hammer@a.example")
+NOTICES_FROM = "varsel@provider.example"
+CONTACT = "drift@kunde-a.example"
 BLOCKED_LINE = "is blocked from sending (auto: "
 HELP_LINE = "contact your hosting provider to have the block lifted"
 
@@ -46,8 +48,10 @@ def gate(users: Users, interpreter: Interpreter, relay: SmtpUpstream, ca: trustm
         dep.install_ledger(ledger_template)  # type: ignore[arg-type]
         for address in ACCOUNTS:
             assert admin(dep, "account", "add", address, "--customer", "ka", "--authenticated").code == 0
+        admin(dep, "customer", "set", "ka", "--contact", CONTACT)
         dep.configure("abuse", failed_share=0.5, failed_min=10, failed_window="1h",
                       limit_refusals=5, limit_window="10m")
+        dep.configure("notify", **{"from": NOTICES_FROM})
         dep.start_gate()
         yield dep
     finally:
@@ -63,6 +67,11 @@ def admin(dep: Deployment, *args: str) -> Result:
 def account(dep: Deployment, address: str) -> dict:
     (found,) = [a for a in json.loads(admin(dep, "account", "list", "--json").stdout) if a["address"] == address]
     return found
+
+
+def site_mail(relay: SmtpUpstream) -> int:
+    """Messages the sites sent (the notices, from [notify] from, are not theirs)."""
+    return sum(1 for r in relay.received if r.mail_from != NOTICES_FROM)
 
 
 def send(dep: Deployment, sender: str, to: str) -> Result:
@@ -96,6 +105,13 @@ def test_half_the_recipients_refused_blocks_at_the_minimum_and_unblock_restores(
     assert send(gate, sender, half_bad).code == 69  # 10 failed of 20: the minimum, at a share of 0.5
     line = gate.wait_for_log(f"event=auto-block account={sender}")
     assert "rule=failed-share" in line and "customer=ka" in line
+    notice_line = gate.wait_for_log(f"event=notice kind=block scope=account subject={sender}")
+    assert f"to={CONTACT}" in notice_line
+    (notice,) = [r for r in relay.received if r.rcpt_tos == [CONTACT]]
+    assert notice.mail_from == NOTICES_FROM
+    text = notice.data.decode()
+    assert f"Subject: Mail blocked: {sender} was blocked automatically" in text
+    assert "auto: 10 of 20 recipients failed or deferred in 1h" in " ".join(text.split())
 
     blocked = send(gate, sender, "ok1@x.example")
     assert blocked.code == 77
@@ -113,7 +129,7 @@ def test_half_the_recipients_refused_blocks_at_the_minimum_and_unblock_restores(
 
     admin(gate, "account", "unblock", sender, "--reason", "addresses cleaned")
     assert account(gate, sender)["blocked_by"] is None
-    before = len(relay.received)
+    before = site_mail(relay)
     assert send(gate, sender, "ok1@x.example").code == 0
     # The old outcomes no longer count: one more refusal does not block it again.
     assert send(gate, sender, half_bad).code == 69
@@ -121,16 +137,16 @@ def test_half_the_recipients_refused_blocks_at_the_minimum_and_unblock_restores(
     assert send(gate, sender, "ok2@x.example").code == 0
     settled(gate, sender, 9)
     assert account(gate, sender)["blocked"] is False
-    assert len(relay.received) == before + 2
+    assert site_mail(relay) == before + 2
     assert sum(1 for line in gate.log_lines() if f"event=auto-block account={sender}" in line) == 1
 
 
 def test_deferred_recipients_count_too(gate: Deployment, relay: SmtpUpstream) -> None:
     sender = "defer@a.example"
-    before = len(relay.received)
+    before = site_mail(relay)
     for _ in range(4):  # each: one delivered now, three queued for later; 12 deferred of 16
         assert send(gate, sender, "ok1@x.example, later1@x.example, later2@x.example, later3@x.example").code == 0
-    assert len(relay.received) == before + 4
+    assert site_mail(relay) == before + 4
     gate.wait_for_log(f"event=auto-block account={sender}")
     shown = account(gate, sender)
     assert shown["blocked_by"] == "auto" and shown["block_reason"].startswith("auto: 12 of 16 recipients")
