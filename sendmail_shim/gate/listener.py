@@ -141,22 +141,34 @@ def _gate_user_name() -> str:
 
 
 def _remove_stale_socket(path: str) -> None:
+    found = clear_stale_socket(path)
+    if found == "not a socket":
+        raise UnsafeSocketPlace(f"{path} exists and is not a socket; remove it or choose another path")
+    if found == "in use":
+        raise SocketInUse(f"another gate is already listening on {path}; stop it first")
+
+
+def clear_stale_socket(path: str) -> str | None:
+    """Remove the socket a dead process left at ``path``; None once the path is free.
+
+    Else what stands there: "not a socket", or "in use" (a live process accepts on it).
+    """
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None
     if not stat.S_ISSOCK(info.st_mode):
-        raise UnsafeSocketPlace(f"{path} exists and is not a socket; remove it or choose another path")
+        return "not a socket"
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(2)
         probe.connect(path)
     except OSError:
-        os.unlink(path)  # left behind by a gate that died
-        return
+        os.unlink(path)  # left behind by a process that died
+        return None
     finally:
         probe.close()
-    raise SocketInUse(f"another gate is already listening on {path}; stop it first")
+    return "in use"
 
 
 def notify_systemd_ready() -> None:

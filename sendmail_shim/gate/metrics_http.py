@@ -17,7 +17,6 @@ import errno
 import os
 import selectors
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from .. import trust
 from ..config import MetricsConfig
 from ..metrics import CONTENT_TYPE
 from .errors import MetricsUnavailable
-from .listener import socket_place_problem
+from .listener import clear_stale_socket, socket_place_problem
 
 MAX_REQUEST = 8192  # bytes of request line and headers: a scrape sends a few hundred
 REQUEST_TIMEOUT = 5.0  # seconds for the request to arrive and for the answer to be taken
@@ -212,19 +211,8 @@ def _bind_unix(path: str, owner: trust.Identity) -> socket.socket:
 
 
 def _remove_stale(path: str) -> None:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
+    found = clear_stale_socket(path)
+    if found == "not a socket":
         raise MetricsUnavailable(f"[metrics] listen: {path} exists and is not a socket; remove it or choose another")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(2)
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # left behind by a gate that died
-        return
-    finally:
-        probe.close()
-    raise MetricsUnavailable(f"[metrics] listen: another process already serves {path}; stop it first")
+    if found == "in use":
+        raise MetricsUnavailable(f"[metrics] listen: another process already serves {path}; stop it first")
