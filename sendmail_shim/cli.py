@@ -791,8 +791,8 @@ def audit_line(entry: AuditEntry) -> str:
 
 # ----------------------------------------------------------------- report
 
-SCRIPT_NOTE = ("scripts: X-PHP-Originating-Script (UID:file, PHP's mail.add_x_header), else the calling "
-               "program: its path in-process, its command line through the gate")
+SCRIPT_NOTE = ("scripts: X-PHP-Originating-Script (UID:file, PHP's mail.add_x_header), else the command "
+               "line of the program that ran sendmail")
 
 
 def _report_time(text: str, now: float, option: str) -> float:

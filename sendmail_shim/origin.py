@@ -10,15 +10,16 @@ that one.
 
 What is recorded, and why:
 
-- ``exe``: the executable (``readlink /proc/PID/exe``) when this process may
-  read it, which Linux allows for a process of its own uid only: in-process
-  ``sendmail``. The gate runs as its own user and is refused (EACCES) for
-  every site's process, so it records the command line instead
-  (``/proc/PID/cmdline``, readable by everyone), e.g. ``php
-  /srv/site-a/cron.php``: for an interpreter that names the script too. The
-  gate is not given ``CAP_SYS_PTRACE`` to read more: that capability would
-  let a compromised gate read and trace the memory of every process on the
-  server, root's included.
+- ``exe``: the program's command line (``/proc/PID/cmdline``, readable by
+  everyone), e.g. ``php /srv/site-a/cron.php`` or ``/bin/sh ./backup.sh``:
+  for an interpreter it names the script too, where the executable's path
+  (``/usr/bin/php8.2``) would not, and the gate and in-process ``sendmail``
+  record the same thing. The path (``readlink /proc/PID/exe``) is the
+  fallback for a process without one. Linux lets a process read that link
+  and the working directory of its own uid only; the gate runs as its own
+  user and is not given ``CAP_SYS_PTRACE`` to read more: that capability
+  would let a compromised gate read and trace the memory of every process
+  on the server, root's included.
 - ``cwd``: the working directory, under the same rule: in-process
   ``sendmail`` records its own (a PHP site's directory); the gate records
   none.
@@ -124,13 +125,11 @@ def _link(pid: int, name: str) -> str | None:
 
 
 def _executable(pid: int) -> str | None:
-    """The executable's path if readable, else the command line (argv joined by spaces)."""
-    found = _link(pid, "exe")
-    if found is not None:
-        return found
+    """The command line (argv joined by spaces), else the executable's path if readable."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             argv = handle.read(MAX_TEXT * 4)
     except OSError:
-        return None
-    return clean(b" ".join(argv.rstrip(b"\0").split(b"\0")).decode("utf-8", "replace"))
+        argv = b""
+    line = clean(b" ".join(argv.rstrip(b"\0").split(b"\0")).decode("utf-8", "replace"))
+    return line if line is not None else _link(pid, "exe")
