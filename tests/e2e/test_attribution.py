@@ -56,3 +56,27 @@ def test_a_shell_script_without_the_header_is_named_by_its_command_line(shim: Sh
     (line,) = [entry for entry in shim.log_lines() if "verdict=sent" in entry]
     assert "script=" not in line
     assert f'exe="/bin/sh {script}" ' in line and f"cwd={site} " in line
+
+
+def test_a_recipient_the_queue_gives_up_on_is_bounced_in_the_report_of_its_script(
+        shim: Shim, upstream: SmtpUpstream, tmp_path: Path) -> None:
+    php = shutil.which("php")
+    assert php, "php-cli is required (apt-get install php-cli)"
+    site = tmp_path / "site-c"
+    site.mkdir()
+    (site / "nyhetsbrev.php").write_text(
+        "<?php var_dump(mail('a@x.example, c@x.example', 'Nytt', 'Hei', 'From: post@kunde.example'));\n")
+    upstream.script.replies["RCPT:c@x.example"] = "452 4.2.2 mailbox full"
+    proc = subprocess.run([php, "-n", "-d", "mail.add_x_header=On", "-d", f"sendmail_path={SENDMAIL} -t -i",
+                           "nyhetsbrev.php"], capture_output=True, text=True, env=shim.env, cwd=site, timeout=60)
+    assert proc.stdout.strip() == "bool(true)", proc.stderr  # a has it; c waits in the queue
+    upstream.script.replies["RCPT:c@x.example"] = "550 5.1.1 no such user"
+    ran = shim.admin("queue", "run", "--now", "--json")
+    assert ran.code == 0 and json.loads(ran.stdout)["failed"] == 1, ran.stdout
+
+    script = f"{os.getuid()}:nyhetsbrev.php"
+    for by, key in (("account", "post@kunde.example"), ("script", script)):
+        result = shim.admin("report", "--since", "1h", "--by", by, "--json")
+        assert result.code == 0, result.line
+        (group,) = json.loads(result.stdout)["groups"]
+        assert (group["key"], group["queued"], group["sent"], group["bounced"]) == (key, 1, 0, 1), group
