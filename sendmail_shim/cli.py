@@ -26,7 +26,7 @@ from .limits import Rule
 
 if TYPE_CHECKING:
     from .config import Config
-    from .ledger import AccountEntry, AuditEntry, Customer, Decision, Ledger, Override, RuleUsage
+    from .ledger import AccountEntry, AuditEntry, Customer, Decision, Ledger, Notice, Override, RuleUsage
 
 PROG = "sendmail-shim"
 
@@ -744,12 +744,19 @@ def override_rm(state: State, override_id: int, as_json: bool) -> None:
 @click.option("--limit", "count", type=click.IntRange(1, 10000), default=50, show_default=True,
               help="How many entries.")
 @click.option("--audit", is_flag=True, help="Show admin actions instead of sending decisions.")
+@click.option("--notices", is_flag=True, help="Show the notices sent ([notify]) instead of sending decisions.")
 @json_option
 @pass_state
 def log(state: State, account_address: str | None, customer_id: str | None, count: int,
-        audit: bool, as_json: bool) -> None:
-    """Recent decisions (sent, queued, refused and why), newest first; or the audit log."""
+        audit: bool, notices: bool, as_json: bool) -> None:
+    """Recent decisions (sent, queued, refused and why), newest first; or the audit log, or the notices."""
     ledger = state.ledger
+    if audit and notices:
+        raise click.UsageError("give --audit or --notices, not both")
+    if notices:
+        sent = ledger.notices(count, subject=account_address or customer_id)
+        show(as_json, [notice_doc(n) for n in sent], [notice_line(n) for n in sent] or ["no notices"])
+        return
     if audit:
         entries = ledger.audit_log(count, subject=account_address or customer_id)
         show(as_json, [audit_doc(e) for e in entries],
@@ -787,6 +794,20 @@ def audit_line(entry: AuditEntry) -> str:
 
     line = f"{format_utc(entry.at)}  {entry.actor or '-'}  {entry.action} {entry.subject}"
     return line + (f"  {entry.detail}" if entry.detail else "")
+
+
+def notice_doc(notice: Notice) -> dict[str, Any]:
+    return {"id": notice.id, "at": iso(notice.at), "kind": notice.kind, "scope": notice.scope,
+            "subject": notice.subject, "rule": notice.rule, "window_start": iso(notice.window_start),
+            "recipients": notice.recipients.split(",") if notice.recipients else [],
+            "message_id": notice.message_id}
+
+
+def notice_line(notice: Notice) -> str:
+    from .ledger import format_utc
+
+    to = notice.recipients.replace(",", ", ") if notice.recipients else "no one (no contact, no admin)"
+    return f"{format_utc(notice.at)}  {notice.kind:<5}  {notice.scope} {notice.subject}  {notice.rule}  to {to}"
 
 
 # ----------------------------------------------------------------- report

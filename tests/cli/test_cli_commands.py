@@ -239,6 +239,13 @@ def test_log_shows_recent_decisions(ready: Invoke, config_file: Path) -> None:
         "  recipients=1  reached 25 messages per 5 minutes\n")
 
 
+def test_log_shows_notices_or_the_audit_log_not_both(ready: Invoke) -> None:
+    assert ready("log", "--notices").stdout == "no notices\n"
+    assert document(ready("log", "--notices", "--json")) == []
+    both = ready("log", "--notices", "--audit")
+    assert both.exit_code == 64 and "give --audit or --notices, not both" in both.stderr
+
+
 def test_config_check_reports_a_good_config(ready: Invoke, config_file: Path) -> None:
     report = document(ready("config", "check", "--json"))
     assert report["ok"] is True and report["problems"] == []

@@ -177,6 +177,7 @@ def run_every_json_command(shim: Shim, upstream: SmtpUpstream, dns: DnsServer) -
     run("log")
     run("report", "--since", "24h", "--by", "script")
     docs[("log", "--audit")] = admin_json(shim, "log", "--audit")
+    docs[("log", "--notices")] = admin_json(shim, "log", "--notices")
     run("config", "check")
     run("spf", "check", "kunde.example")
     entries = run("queue", "list", "--all")

@@ -112,6 +112,14 @@ def test_the_8th_message_warns_the_11th_stops_and_nothing_more_comes(deployment:
     queue = json.loads(deployment.admin("queue", "list", "--all", "--json").stdout)
     kinds = {(e["kind"], e["state"]) for e in queue}
     assert kinds == {("notice", "done")}, queue
+    # What the admin reads back: newest first, to whom, with the Message-ID the contact got.
+    shown = json.loads(deployment.admin("log", "--notices", "--json").stdout)
+    assert [(n["kind"], n["subject"], n["rule"], n["recipients"]) for n in shown] == [
+        ("limit", "post@a.example", "10 messages / 5m", [CONTACT]),
+        ("warn", "post@a.example", "10 messages / 5m", [CONTACT])]
+    assert shown[1]["message_id"] == read_mail(warning.data)["Message-ID"]
+    table = deployment.admin("log", "--notices").stdout.decode()
+    assert f"warn   account post@a.example  10 messages / 5m  to {CONTACT}" in table
 
 
 def test_norwegian_notices_with_a_copy_for_the_admin(deployment: Deployment, relay: SmtpUpstream) -> None:
