@@ -99,6 +99,13 @@ def customer_families(usage: Sequence[SubjectUsage], top: int) -> list[Family]:
     ]
 
 
+def blocked_families(blocked: dict[str, int]) -> list[Family]:
+    """How many accounts are blocked now, by an admin and by the [abuse] rules."""
+    return [Family("sendmail_shim_accounts_blocked", "gauge",
+                   "Sending accounts blocked now, by who blocked them: admin (account block) or auto "
+                   "(the [abuse] rules).", tuple(Sample("", (("by", by),), n) for by, n in sorted(blocked.items())))]
+
+
 # ------------------------------------------------------------------ decisions (for the textfile)
 
 
@@ -132,6 +139,7 @@ def ledger_families(ledger: Ledger, top: int, *, recent: bool = False, now: floa
     try:
         found = queue_families(queue_stage.summary(ledger), now)
         found += customer_families(ledger.usage_of_every_customer(now), top)
+        found += blocked_families(ledger.blocked_accounts())
         if recent:
             found += recent_families(ledger, now)
     except LedgerError:

@@ -17,7 +17,7 @@ from .directory import AccountEntry, Customer, Directory
 from .journal import AuditEntry, Decision, DecisionCount, Journal, insert_decision
 from .notices import Notice, NoticeClaim
 from .outcomes import Outcome, Tally, insert_outcome, tally
-from .overview import SubjectUsage, usage_of_every_customer
+from .overview import SubjectUsage, blocked_accounts, usage_of_every_customer
 from .rates import (
     Override,
     Rates,
@@ -197,6 +197,10 @@ class Ledger:
     def usage_of_every_customer(self, now: float | None = None) -> list[SubjectUsage]:
         """Each customer's rules and their use now, in one read (for the metrics)."""
         return usage_of_every_customer(self.rates, now)
+
+    def blocked_accounts(self) -> dict[str, int]:
+        """Accounts blocked now by ``admin`` and by ``auto`` (the abuse rules), for the metrics."""
+        return blocked_accounts(self.store)
 
     def list_sends(self, scope: str, subject: str, *, counted_only: bool = False) -> list[SendRecord]:
         return self.rates.list_sends(scope, subject, counted_only=counted_only)

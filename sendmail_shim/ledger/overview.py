@@ -1,4 +1,4 @@
-"""Read-only views across every subject: each customer's usage now, for the metrics."""
+"""Read-only views across every subject, for the metrics: each customer's usage now, the blocks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import NamedTuple
 from ..limits import Rule
 from . import windows
 from .rates import Override, Rates, apply_overrides, select_overrides
+from .store import Store
 from .times import US
 
 
@@ -43,3 +44,16 @@ def usage_of_every_customer(rates: Rates, now: float | None = None) -> list[Subj
             used = windows.window_sums(tx, "customer", customer, [r.rule.window_seconds for r in rules], now_us)
             usage += [SubjectUsage(customer, r.rule, used[(r.rule.metric, r.rule.window_seconds)]) for r in rules]
     return usage
+
+
+BLOCKERS = ("admin", "auto")
+
+
+def blocked_accounts(store: Store) -> dict[str, int]:
+    """Accounts blocked now, by who blocked them; a block older than migration 0008 counts as an admin's."""
+    with store.read() as tx:
+        rows = tx.rows("SELECT COALESCE(blocked_by, 'admin'), COUNT(*) FROM accounts WHERE blocked = 1 "
+                       "GROUP BY COALESCE(blocked_by, 'admin')")
+    found = dict.fromkeys(BLOCKERS, 0)
+    found.update({str(by): int(n) for by, n in rows})
+    return found

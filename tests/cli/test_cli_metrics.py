@@ -67,6 +67,23 @@ def test_a_customer_at_its_limit_is_counted_and_ranked_first(shim: Shim, upstrea
     assert label_values(samples, "sendmail_shim_customer_usage", "customer") == {"kunde", "(other)"}
 
 
+def test_blocked_accounts_are_counted_by_who_blocked_them(shim: Shim) -> None:
+    samples = parse(shim.admin("metrics", "show").stdout.decode())
+    assert (value(samples, "sendmail_shim_accounts_blocked", by="admin"),
+            value(samples, "sendmail_shim_accounts_blocked", by="auto")) == (0, 0)
+    assert shim.admin("account", "block", "post@kunde.example", "--reason", "phishing kit").code == 0
+    assert shim.ledger.auto_block("bounce@kunde.example", "auto: 20 of 40 recipients failed", actor="test")
+    assert shim.ledger.auto_block("post@kunde.example", "auto: already blocked", actor="test") is None
+    text = shim.admin("metrics", "show").stdout.decode()
+    assert check_metrics(text).returncode == 0
+    samples = parse(text)
+    assert (value(samples, "sendmail_shim_accounts_blocked", by="admin"),
+            value(samples, "sendmail_shim_accounts_blocked", by="auto")) == (1, 1)
+    assert shim.admin("account", "unblock", "bounce@kunde.example").code == 0
+    samples = parse(shim.admin("metrics", "show").stdout.decode())
+    assert value(samples, "sendmail_shim_accounts_blocked", by="auto") == 0
+
+
 def test_the_queue_depth_and_the_oldest_age(shim: Shim, upstream: SmtpUpstream) -> None:
     upstream.script.replies["MAIL"] = "451 4.3.0 try later"
     send(shim, "post@kunde.example")
