@@ -10,18 +10,18 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .charsets import DEFAULT_LEGACY_CHARSET, ascii_compatible
 from .limits import DEFAULT_ACCOUNT_RULES, DEFAULT_CUSTOMER_RULES, Rule, RuleSyntaxError, parse_rule
-from .notice_templates import LANGUAGES, NoticeTemplate, TemplateError
-from .notice_templates import builtin as builtin_template
-from .notice_templates import load as load_templates
 
 try:
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - tomli stands in where tomllib is missing
     import tomli as tomllib  # type: ignore[no-redef]
+
+if TYPE_CHECKING:
+    from .notice_templates import NoticeTemplate  # loaded with a [notify] section only
 
 DEFAULT_PATH = "/etc/sendmail-shim/config.toml"
 ENV_VAR = "SENDMAIL_SHIM_CONFIG"
@@ -192,6 +192,8 @@ class NotifyConfig:
 
     def template(self, kind: str) -> NoticeTemplate:
         """The admin's template for this kind, else the built-in one."""
+        from .notice_templates import builtin as builtin_template
+
         return self.texts.get(kind) or builtin_template(kind, self.language)
 
 
@@ -647,6 +649,9 @@ def _metrics_textfile(s: _Section) -> str | None:
 
 
 def _notify(s: _Section) -> NotifyConfig:
+    from .notice_templates import LANGUAGES, TemplateError
+    from .notice_templates import load as load_templates  # only with [notify]: a config without it needs none
+
     sender = _address(s, "from", s.string("from", required=True) or "")
     admin_value = s._get("admin", (str, list), "an address or a list of addresses")
     admins = [admin_value] if isinstance(admin_value, str) else list(admin_value or [])

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import abuse, accounts, exitcodes, maillog, notify, queue, spf
+from . import accounts, exitcodes, maillog, queue, spf
 from . import envelope as envelope_stage
 from . import message as message_stage
 from .accounts import Caller
@@ -29,6 +29,7 @@ from .message import Message
 from .relay import PendingReply, RelayError, RelayResult, ReplyPending, Upstream, rcpt_replies
 
 if TYPE_CHECKING:
+    from . import notify
     from .dnsclient import Resolver
 
 __all__ = ["Caller", "Record", "Runtime", "Verdict", "decide", "record_together", "refuse", "submit"]
@@ -67,8 +68,10 @@ class Runtime:
         self._notifier: notify.Notifier | None = None
 
     def notifier(self) -> notify.Notifier:
-        """Made on first use: most messages need none."""
+        """Made on first use: most messages need none (nor the import)."""
         if self._notifier is None:
+            from . import notify
+
             self._notifier = notify.Notifier(self.config, self.ledger, self.upstream, self.hostname,
                                              background=self.in_gate)
         return self._notifier
@@ -129,18 +132,36 @@ def decide(invocation: Invocation, raw: bytes, caller: Caller, runtime: Runtime)
         # (or, if this process dies first, expired after [ledger] reservation_timeout).
         verdict, outcome, follow_up = _relay_or_queue(envelope, message, reservation, runtime, fields, timings,
                                                       replies)
-        notices = notify.crossed(runtime.config.notify, reservation)
+        notices = _crossed(runtime, reservation)
     except Exception as exc:  # every refusal becomes a verdict; nothing escapes as a traceback
         outcome = "released" if reservation is not None else None
         verdict = _refused(exc, fields)
-        notices = notify.reached(runtime.config.notify, exc, _str_or_none(fields.get("account")),
-                                 _str_or_none(fields.get("customer")))
+        notices = _reached(runtime, exc, fields)
         counted = _counted(runtime, fields, replies, limited=isinstance(exc, LimitReached))
     else:
         counted = _counted(runtime, fields, replies)
     verdict.fields["ms"] = round((time.monotonic() - started) * 1000)
     verdict.timings.update(timings, decision=time.monotonic() - started)
     return verdict, Record(runtime, verdict, reservation, outcome, follow_up, counted, notices)
+
+
+def _crossed(runtime: Runtime, reservation: Reservation) -> tuple[notify.Trigger, ...]:
+    """The rules this message took past ``[notify] warn_at``; without [notify], not even the import."""
+    if runtime.config.notify is None:
+        return ()
+    from . import notify
+
+    return notify.crossed(runtime.config.notify, reservation)
+
+
+def _reached(runtime: Runtime, exc: Exception, fields: dict[str, object]) -> tuple[notify.Trigger, ...]:
+    """The rule a refusal by a limit reached, for its notice."""
+    if runtime.config.notify is None:
+        return ()
+    from . import notify
+
+    return notify.reached(runtime.config.notify, exc, _str_or_none(fields.get("account")),
+                          _str_or_none(fields.get("customer")))
 
 
 def _str_or_none(value: object) -> str | None:
@@ -325,6 +346,10 @@ def record_together(records: Sequence[Record]) -> None:
 
 def _judge_abuse(runtime: Runtime, counted: Sequence[Outcome]) -> None:
     """The abuse rules, for the messages that gave them a signal; each block is told like a limit."""
+    if not counted:  # [abuse] is off, or the batch had nothing for it: not even the import
+        return
+    from . import abuse
+
     if not any(abuse.signals(c) for c in counted):
         return
     for block in abuse.judge_all(runtime.config, runtime.ledger, counted):
